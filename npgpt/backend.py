@@ -1,0 +1,63 @@
+"""The one place where npgpt chooses between NumPy (CPU) and CuPy (GPU).
+
+Ops never import an array module themselves: they ask `get_xp(array)` for the
+module that owns their input (as Chainer's `cupy.get_array_module` does), so the
+same code runs on either device. The device is chosen once, when a model's
+parameters are allocated (`array_module(device)`); everything computed from
+them stays there.
+"""
+import numpy as np
+
+from .errors import NpgptError
+
+try:  # CuPy is an optional extra: `pip install -e ".[gpu]"`
+    import cupy as _cupy
+except ImportError:  # pragma: no cover - depends on the machine
+    _cupy = None
+
+DEVICES = ("cpu", "gpu", "auto")
+
+
+def get_xp(*arrays):
+    """The array module (numpy or cupy) that owns `arrays`."""
+    if _cupy is None:
+        return np
+    return _cupy.get_array_module(*arrays)
+
+
+def gpu_available():
+    """True when CuPy is installed and sees a usable GPU and driver.
+
+    `import cupy` succeeds on a machine without a driver; only
+    `cupy.is_available()` says whether an allocation will work.
+    """
+    return _cupy is not None and bool(_cupy.is_available())
+
+
+def resolve_device(device):
+    """Turn 'cpu' | 'gpu' | 'auto' into 'cpu' or 'gpu', or raise a clear error."""
+    if device not in DEVICES:
+        raise NpgptError(f"unknown device {device!r}: use one of {', '.join(DEVICES)}")
+    if device == "auto":
+        return "gpu" if gpu_available() else "cpu"
+    if device == "gpu" and not gpu_available():
+        why = "CuPy is not installed" if _cupy is None else "CuPy sees no usable GPU/driver"
+        raise NpgptError(f"--device gpu was asked for but {why}; "
+                         "install the GPU extra (pip install -e \".[gpu]\") on a machine "
+                         "with an NVIDIA GPU, or use --device cpu")
+    return device
+
+
+def array_module(device):
+    """numpy for 'cpu', cupy for 'gpu' (call resolve_device first)."""
+    return _cupy if device == "gpu" else np
+
+
+def device_of(array):
+    """'gpu' for a CuPy array, 'cpu' otherwise."""
+    return "cpu" if get_xp(array) is np else "gpu"
+
+
+def to_numpy(array):
+    """A NumPy copy (or the array itself) of a NumPy or CuPy array."""
+    return array if isinstance(array, np.ndarray) else _cupy.asnumpy(array)

@@ -1,0 +1,162 @@
+"""Thin layer classes over the ops in ops.py.
+
+A layer holds views of its parameters and of their gradients (from the model's flat
+buffers), keeps the cache of its last forward, and in backward *adds* its parameter
+gradients into the gradient views with `+=`. Because of that, the tied output head
+simply adds into the token-embedding gradient, and gradient accumulation over
+micro-batches needs no extra code.
+"""
+from . import ops
+
+
+class Linear:
+    """y = x @ W + b, W of shape (in, out) as Hugging Face GPT-2's Conv1D."""
+
+    def __init__(self, params, grads, name):
+        self.w, self.b = params[name + ".weight"], params[name + ".bias"]
+        self.dw, self.db = grads[name + ".weight"], grads[name + ".bias"]
+
+    def forward(self, x):
+        out, self.cache = ops.linear_forward(x, self.w, self.b)
+        return out
+
+    def backward(self, dout):
+        dx, dw, db = ops.linear_backward(dout, self.cache)
+        self.dw += dw
+        self.db += db
+        return dx
+
+
+class LayerNorm:
+    def __init__(self, params, grads, name, eps=1e-5):
+        self.w, self.b = params[name + ".weight"], params[name + ".bias"]
+        self.dw, self.db = grads[name + ".weight"], grads[name + ".bias"]
+        self.eps = eps
+
+    def forward(self, x):
+        out, self.cache = ops.layernorm_forward(x, self.w, self.b, self.eps)
+        return out
+
+    def backward(self, dout):
+        dx, dw, db = ops.layernorm_backward(dout, self.cache)
+        self.dw += dw
+        self.db += db
+        return dx
+
+
+class Dropout:
+    """Inverted dropout; active only when train=True and p > 0. Masks come from `rng`
+    (the model's generator), so a run with the same seed drops the same units."""
+
+    def __init__(self, p, rng):
+        self.p, self.rng, self.mask = p, rng, None
+
+    def forward(self, x, train):
+        self.mask = None
+        if not train or self.p == 0.0:
+            return x
+        self.mask = ops.dropout_mask(x.shape, self.p, self.rng, x.dtype)
+        out, _ = ops.dropout_forward(x, self.mask)
+        return out
+
+    def backward(self, dout):
+        if self.mask is None:
+            return dout
+        (dx,) = ops.dropout_backward(dout, self.mask)
+        return dx
+
+
+class CausalSelfAttention:
+    """qkv = c_attn(x) (C -> 3C); y = attention(qkv); out = dropout(c_proj(y))."""
+
+    def __init__(self, params, grads, name, n_head, dropout, rng):
+        self.c_attn = Linear(params, grads, name + ".c_attn")
+        self.c_proj = Linear(params, grads, name + ".c_proj")
+        self.resid_dropout = Dropout(dropout, rng)
+        self.n_head, self.p, self.rng = n_head, dropout, rng
+
+    def forward(self, x, train):
+        qkv = self.c_attn.forward(x)  # (B,T,3C)
+        att_mask = None
+        if train and self.p > 0.0:
+            B, T, _ = x.shape
+            att_mask = ops.dropout_mask((B, self.n_head, T, T), self.p, self.rng, x.dtype)
+        y, self.cache = ops.attention_forward(qkv, self.n_head, att_mask)
+        return self.resid_dropout.forward(self.c_proj.forward(y), train)
+
+    def backward(self, dout):
+        dy = self.c_proj.backward(self.resid_dropout.backward(dout))
+        (dqkv,) = ops.attention_backward(dy, self.cache)
+        return self.c_attn.backward(dqkv)
+
+
+class MLP:
+    """out = dropout(c_proj(gelu(c_fc(x)))), C -> 4C -> C."""
+
+    def __init__(self, params, grads, name, dropout, rng):
+        self.c_fc = Linear(params, grads, name + ".c_fc")
+        self.c_proj = Linear(params, grads, name + ".c_proj")
+        self.dropout = Dropout(dropout, rng)
+
+    def forward(self, x, train):
+        h, self.gelu_cache = ops.gelu_forward(self.c_fc.forward(x))  # (B,T,4C)
+        return self.dropout.forward(self.c_proj.forward(h), train)
+
+    def backward(self, dout):
+        dh = self.c_proj.backward(self.dropout.backward(dout))
+        (dh,) = ops.gelu_backward(dh, self.gelu_cache)
+        return self.c_fc.backward(dh)
+
+
+class Block:
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, params, grads, name, config, rng):
+        self.ln_1 = LayerNorm(params, grads, name + ".ln_1")
+        self.attn = CausalSelfAttention(params, grads, name + ".attn", config.n_head,
+                                        config.dropout, rng)
+        self.ln_2 = LayerNorm(params, grads, name + ".ln_2")
+        self.mlp = MLP(params, grads, name + ".mlp", config.dropout, rng)
+
+    def forward(self, x, train):
+        x = x + self.attn.forward(self.ln_1.forward(x), train)
+        return x + self.mlp.forward(self.ln_2.forward(x), train)
+
+    def backward(self, dout):
+        # the residual passes dout straight through and adds each branch's input gradient
+        dx = dout + self.ln_2.backward(self.mlp.backward(dout))
+        return dx + self.ln_1.backward(self.attn.backward(dx))
+
+
+class Embedding:
+    """Token + position embedding: x[b,t] = wte[idx[b,t]] + wpe[t]."""
+
+    def __init__(self, params, grads):
+        self.wte, self.wpe = params["transformer.wte.weight"], params["transformer.wpe.weight"]
+        self.dwte, self.dwpe = grads["transformer.wte.weight"], grads["transformer.wpe.weight"]
+
+    def forward(self, idx):
+        out, self.cache = ops.embedding_forward(idx, self.wte, self.wpe)
+        return out
+
+    def backward(self, dout):
+        dwte, dwpe = ops.embedding_backward(dout, self.cache)
+        self.dwte += dwte
+        self.dwpe += dwpe
+
+
+class TiedHead:
+    """logits = x @ wte.T, sharing the token embedding; its gradient adds into dwte."""
+
+    def __init__(self, params, grads):
+        self.wte, self.dwte = params["transformer.wte.weight"], grads["transformer.wte.weight"]
+
+    def forward(self, x):
+        out, self.cache = ops.head_forward(x, self.wte)
+        return out
+
+    def backward(self, dout):
+        dx, dwte = ops.head_backward(dout, self.cache)
+        self.dwte += dwte
+        return dx
+

@@ -1,0 +1,166 @@
+"""GPTConfig and the GPT model: GPT-2's layout, forward and hand-written backward.
+
+    idx (B,T) -> wte[idx] + wpe[:T] -> dropout
+              -> n_layer x [x + attn(ln_1(x)); x + mlp(ln_2(x))]
+              -> ln_f -> logits = x @ wte.T (B,T,V) -> cross-entropy with targets
+"""
+import json
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from . import ops
+from .backend import array_module, get_xp, resolve_device, to_numpy
+from .layers import Block, Dropout, Embedding, LayerNorm, TiedHead
+from .params import FlatDict, gpt2_param_shapes, init_gpt2
+
+DTYPES = ("float32", "float64")
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int          # V: number of distinct tokens
+    block_size: int          # longest context the model sees (rows of wpe)
+    n_layer: int             # transformer blocks
+    n_head: int              # attention heads per block (nh)
+    n_embd: int              # embedding width C; head size hs = C // nh
+    dropout: float = 0.0     # dropout probability used in training mode
+
+    def __post_init__(self):
+        for f in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, f)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"GPTConfig.{f} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by "
+                             f"n_head ({self.n_head}); try n_head = "
+                             f"{_divisors_hint(self.n_embd)}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+
+    def to_json(self):
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text):
+        data = json.loads(text)
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown GPTConfig fields: {sorted(unknown)}")
+        return cls(**data)
+
+
+def _divisors_hint(n):
+    return ", ".join(str(d) for d in range(1, min(n, 64) + 1) if n % d == 0)
+
+
+class GPT:
+    """A GPT-2-layout decoder. `params` / `grads`: {Hugging Face name: array view}."""
+
+    def __init__(self, config, seed=0, dtype="float32", device="cpu"):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        self.config, self.dtype = config, np.dtype(dtype)
+        self.device = resolve_device(device)
+        xp = array_module(self.device)
+        init_seed, dropout_seed = np.random.SeedSequence(seed).spawn(2)
+        shapes = gpt2_param_shapes(config)
+        flat = xp.asarray(init_gpt2(shapes, config.n_layer, init_seed, self.dtype))
+        self.params = FlatDict(flat, shapes)
+        self.grads = FlatDict(xp.zeros_like(flat), shapes)
+        # the model's own generator for dropout masks (reproducible per device)
+        self.rng = xp.random.default_rng(int(dropout_seed.generate_state(1)[0]))
+        p, g = self.params, self.grads
+        self.embedding = Embedding(p, g)
+        self.drop = Dropout(config.dropout, self.rng)
+        self.blocks = [Block(p, g, f"transformer.h.{i}", config, self.rng)
+                       for i in range(config.n_layer)]
+        self.ln_f = LayerNorm(p, g, "transformer.ln_f")
+        self.head = TiedHead(p, g)
+        self._loss_cache = None
+
+    @property
+    def xp(self):
+        return get_xp(self.params.flat)
+
+    def num_params(self):
+        return int(self.params.flat.size)
+
+    # ------------------------------------------------------------------ forward
+    def _check_idx(self, idx, name="idx"):
+        xp = self.xp
+        if not isinstance(idx, xp.ndarray):
+            idx = xp.asarray(idx)
+        if idx.ndim != 2:
+            raise ValueError(f"{name} must have shape (B, T), got shape {tuple(idx.shape)}")
+        if idx.dtype.kind not in "iu":
+            raise ValueError(f"{name} must hold integer token ids, got dtype {idx.dtype}")
+        return idx
+
+    def forward(self, idx, targets=None, train=False):
+        """logits (B,T,V) and the mean cross-entropy loss (a Python float, or None)."""
+        idx = self._check_idx(idx)
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size "
+                             f"{self.config.block_size}; crop the input to the last "
+                             f"{self.config.block_size} tokens")
+        V = self.config.vocab_size
+        if T and (int(idx.min()) < 0 or int(idx.max()) >= V):
+            raise ValueError(f"token ids must lie in [0, {V}), got ids in "
+                             f"[{int(idx.min())}, {int(idx.max())}]")
+        x = self.drop.forward(self.embedding.forward(idx), train)  # (B,T,C)
+        for block in self.blocks:
+            x = block.forward(x, train)
+        logits = self.head.forward(self.ln_f.forward(x))  # (B,T,V)
+        self._loss_cache = None
+        if targets is None:
+            return logits, None
+        targets = self._check_idx(targets, "targets")
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape "
+                             f"{tuple(idx.shape)}")
+        if not bool((targets != -1).any()):
+            raise ValueError("every target is ignore_index (-1): there is nothing to learn from")
+        loss, self._loss_cache = ops.cross_entropy_forward(logits, targets)
+        return logits, float(loss)
+
+    # ----------------------------------------------------------------- backward
+    def zero_grad(self):
+        self.grads.flat.fill(0)
+
+    def backward(self, accumulate=False):
+        """Gradients of the last forward's loss into `self.grads` (returned).
+
+        accumulate=False starts from zero; accumulate=True adds to what is there (for
+        gradient accumulation over micro-batches)."""
+        if self._loss_cache is None:
+            raise RuntimeError("backward() needs a forward(idx, targets) with targets first")
+        if not accumulate:
+            self.zero_grad()
+        (dlogits,) = ops.cross_entropy_backward(1.0, self._loss_cache)
+        dx = self.ln_f.backward(self.head.backward(dlogits))
+        for block in reversed(self.blocks):
+            dx = block.backward(dx)
+        self.embedding.backward(self.drop.backward(dx))
+        self._loss_cache = None  # one backward per forward
+        return self.grads
+
+    # ------------------------------------------------------------------ helpers
+    def state_dict(self):
+        """{name: NumPy array} copies of the parameters (for saving/exporting)."""
+        return {name: to_numpy(p) for name, p in self.params.items()}
+
+    def load_state_dict(self, state):
+        """Copy arrays (NumPy or CuPy) into the parameters, checking names and shapes."""
+        missing = [n for n in self.params if n not in state]
+        unexpected = [n for n in state if n not in self.params]
+        if missing or unexpected:
+            raise ValueError(f"state does not match the model: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        for name, p in self.params.items():
+            if tuple(state[name].shape) != tuple(p.shape):
+                raise ValueError(f"{name}: shape {tuple(state[name].shape)} does not match "
+                                 f"the model's {tuple(p.shape)}")
+            p[...] = self.xp.asarray(state[name], dtype=p.dtype)

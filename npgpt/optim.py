@@ -1,0 +1,95 @@
+"""AdamW and global-norm gradient clipping, as torch.optim.AdamW and
+torch.nn.utils.clip_grad_norm_ compute them.
+
+Handed `model.params` / `model.grads` (FlatDicts), each update is a few expressions
+over the whole flat buffer; any other {name: array} dict is updated tensor by tensor
+with the same expressions.
+"""
+import math
+
+from .backend import get_xp
+
+
+def _buffers(params):
+    """[(name, array)] to update: the one flat buffer when there is one, else each tensor."""
+    flat = getattr(params, "flat", None)
+    return [("*", flat)] if flat is not None else list(params.items())
+
+
+class AdamW:
+    """Adam with decoupled weight decay (Loshchilov & Hutter), applied to 2-D matrices only.
+
+        m = b1 m + (1 - b1) g                      v = b2 v + (1 - b2) g^2
+        p = p (1 - lr wd [p is a matrix]) - lr/(1 - b1^t) * m / (sqrt(v)/sqrt(1 - b2^t) + eps)
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"invalid AdamW settings: lr={lr}, betas={betas}, eps={eps}, "
+                             f"weight_decay={weight_decay}")
+        self.params, self.lr, self.betas = params, lr, tuple(betas)
+        self.eps, self.weight_decay, self.t = eps, weight_decay, 0
+        self.m = {n: get_xp(p).zeros_like(p) for n, p in _buffers(params)}
+        self.v = {n: get_xp(p).zeros_like(p) for n, p in _buffers(params)}
+        # per-element weight-decay factor: 1 on matrices (ndim >= 2), 0 on biases / LayerNorm
+        self.decay = {}
+        for n, p in _buffers(params):
+            xp = get_xp(p)
+            if n == "*":
+                parts = [xp.full(q.size, 1.0 if q.ndim >= 2 else 0.0, dtype=q.dtype)
+                         for q in params.values()]
+                self.decay[n] = xp.concatenate(parts)
+            else:
+                self.decay[n] = 1.0 if p.ndim >= 2 else 0.0
+
+    def step(self, grads, lr=None):
+        """One update of every parameter in place; `lr` overrides the default for this step."""
+        lr = self.lr if lr is None else float(lr)
+        self.t += 1
+        b1, b2 = self.betas
+        bias1 = 1.0 - b1 ** self.t
+        bias2_sqrt = math.sqrt(1.0 - b2 ** self.t)
+        flat = getattr(grads, "flat", None)
+        gbufs = {"*": flat} if "*" in self.m else grads
+        for n, p in _buffers(self.params):
+            g, m, v = gbufs[n], self.m[n], self.v[n]
+            xp = get_xp(p)
+            m *= b1
+            m += (1.0 - b1) * g
+            v *= b2
+            v += (1.0 - b2) * (g * g)
+            denom = xp.sqrt(v)
+            denom *= 1.0 / bias2_sqrt
+            denom += self.eps
+            p *= 1.0 - (lr * self.weight_decay) * self.decay[n]
+            p -= (lr / bias1) * (m / denom)
+
+    def state(self):
+        """The optimizer state as {key: array} plus the step count (for checkpoints)."""
+        return {"t": self.t, "m": self.m, "v": self.v}
+
+    def load_state(self, t, m, v):
+        self.t = int(t)
+        for n in self.m:
+            self.m[n][...] = get_xp(self.m[n]).asarray(m[n])
+            self.v[n][...] = get_xp(self.v[n]).asarray(v[n])
+
+
+def grad_norm(grads):
+    """Global L2 norm of all gradients, as a 0-d array (no host synchronisation)."""
+    bufs = [g for _, g in _buffers(grads)]
+    xp = get_xp(bufs[0])
+    return xp.sqrt(sum(xp.vdot(g.reshape(-1), g.reshape(-1)) for g in bufs))
+
+
+def clip_grad_norm(grads, max_norm):
+    """Scale every gradient in place so the global norm is at most max_norm.
+
+    As torch's clip_grad_norm_: scale = min(1, max_norm / (norm + 1e-6)). Returns the
+    pre-clip global norm as a 0-d array (use float() to read it)."""
+    norm = grad_norm(grads)
+    xp = get_xp(norm)
+    scale = xp.minimum(1.0, max_norm / (norm + 1e-6)).astype(norm.dtype)
+    for _, g in _buffers(grads):
+        g *= scale
+    return norm
