@@ -75,8 +75,11 @@ class CausalSelfAttention:
         self.resid_dropout = Dropout(dropout, rng)
         self.n_head, self.p, self.rng = n_head, dropout, rng
 
-    def forward(self, x, train):
+    def forward(self, x, train, kv=None):
         qkv = self.c_attn.forward(x)  # (B,T,3C)
+        if kv is not None:  # sampling with a KV cache: kv = (k_cache, v_cache, pos)
+            y = ops.attention_with_cache(qkv, self.n_head, *kv)
+            return self.c_proj.forward(y)
         att_mask = None
         if train and self.p > 0.0:
             B, T, _ = x.shape
@@ -118,8 +121,8 @@ class Block:
         self.ln_2 = LayerNorm(params, grads, name + ".ln_2")
         self.mlp = MLP(params, grads, name + ".mlp", config.dropout, rng)
 
-    def forward(self, x, train):
-        x = x + self.attn.forward(self.ln_1.forward(x), train)
+    def forward(self, x, train, kv=None):
+        x = x + self.attn.forward(self.ln_1.forward(x), train, kv)
         return x + self.mlp.forward(self.ln_2.forward(x), train)
 
     def backward(self, dout):
@@ -135,8 +138,9 @@ class Embedding:
         self.wte, self.wpe = params["transformer.wte.weight"], params["transformer.wpe.weight"]
         self.dwte, self.dwpe = grads["transformer.wte.weight"], grads["transformer.wpe.weight"]
 
-    def forward(self, idx):
-        out, self.cache = ops.embedding_forward(idx, self.wte, self.wpe)
+    def forward(self, idx, pos=0):
+        """pos: position of idx[:, 0] (non-zero when continuing from a KV cache)."""
+        out, self.cache = ops.embedding_forward(idx, self.wte, self.wpe[pos:])
         return out
 
     def backward(self, dout):

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from . import ops
+from .sampling import check_sampling_args, sample_next
 from .backend import array_module, get_xp, resolve_device, to_numpy
 from .layers import Block, Dropout, Embedding, LayerNorm, TiedHead
 from .params import FlatDict, gpt2_param_shapes, init_gpt2
@@ -164,3 +165,71 @@ class GPT:
                 raise ValueError(f"{name}: shape {tuple(state[name].shape)} does not match "
                                  f"the model's {tuple(p.shape)}")
             p[...] = self.xp.asarray(state[name], dtype=p.dtype)
+
+    # --------------------------------------------------------------- generation
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 seed=None, use_cache=True):
+        """(B, T + max_new_tokens) ids: idx followed by sampled continuations.
+
+        temperature 0 is greedy; top_k / top_p restrict sampling to the most likely
+        tokens; seed fixes the sampling generator. use_cache=False recomputes the whole
+        (cropped) context for every token: slower, same tokens."""
+        idx = self._check_idx(idx)
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
+                                        seed, use_cache))
+        xp = self.xp
+        new = xp.stack(new, axis=1) if new else xp.zeros((idx.shape[0], 0), dtype=idx.dtype)
+        return xp.concatenate([idx, new.astype(idx.dtype)], axis=1)
+
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                        seed=None, use_cache=True):
+        """Yield each new token as a (B,) array as soon as it is sampled.
+
+        With the KV cache each token costs one forward over one position. The model sees
+        at most block_size tokens (older ones are cropped, as in nanoGPT); once the
+        context is longer than that, every position embedding shifts with each new
+        token, so the window is recomputed for each token from then on."""
+        check_sampling_args(temperature, top_k, top_p)
+        idx = self._check_idx(idx)
+        if idx.shape[1] == 0:
+            raise ValueError("generation needs a prompt of at least one token")
+        xp, bs = self.xp, self.config.block_size
+        rng = np.random.default_rng(seed)
+        context = idx
+        cache = None
+        for _ in range(max_new_tokens):
+            window = context[:, -bs:]
+            if not use_cache or context.shape[1] > bs:
+                cache = None
+                logits = self._forward_logits(window)  # (B,V) at the last position
+            elif cache is None:  # prefill the cache with the whole prompt
+                cache = KVCache(self, idx.shape[0])
+                logits = self._forward_logits(window, cache)
+            else:  # one position through the cached keys and values
+                logits = self._forward_logits(window[:, -1:], cache)
+            token = xp.asarray(sample_next(logits, rng, temperature, top_k, top_p))
+            context = xp.concatenate([context, token[:, None].astype(context.dtype)], axis=1)
+            yield token
+
+    def _forward_logits(self, idx, cache=None):
+        """Logits (B,V) of the last position; with a cache, idx continues cache.pos."""
+        pos = 0 if cache is None else cache.pos
+        x = self.embedding.forward(idx, pos)  # (B,Tn,C)
+        for i, block in enumerate(self.blocks):
+            kv = None if cache is None else (cache.k[i], cache.v[i], pos)
+            x = block.forward(x, False, kv)
+        if cache is not None:
+            cache.pos += idx.shape[1]
+        return self.head.forward(self.ln_f.forward(x[:, -1:]))[:, 0]  # (B,1,V) -> (B,V)
+
+
+class KVCache:
+    """Keys and values of every layer for the positions generated so far."""
+
+    def __init__(self, model, B):
+        c = model.config
+        shape = (B, c.n_head, c.block_size, c.n_embd // c.n_head)  # (B,nh,block_size,hs)
+        xp = model.xp
+        self.k = [xp.zeros(shape, dtype=model.dtype) for _ in range(c.n_layer)]
+        self.v = [xp.zeros(shape, dtype=model.dtype) for _ in range(c.n_layer)]
+        self.pos = 0

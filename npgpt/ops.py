@@ -305,3 +305,33 @@ def cross_entropy_backward(dloss, cache):
     dlogits[xp.arange(dlogits.shape[0]), t_safe] -= 1.0
     dlogits *= (valid * (dloss / count))[:, None].astype(dlogits.dtype)
     return (dlogits.reshape(shape),)
+
+
+# ----------------------------------------------------------------------------
+# inference: attention against a key/value cache (no backward: used only to sample)
+
+
+def attention_with_cache(qkv, n_head, k_cache, v_cache, pos):
+    """Causal attention of Tn new positions (pos .. pos+Tn-1) against every key so far.
+
+    qkv (B,Tn,3C) for the new positions; k_cache, v_cache (B,nh,block_size,hs) hold the
+    keys/values of positions < pos and receive the new ones. Returns y (B,Tn,C), equal
+    to attention_forward over the whole sequence restricted to the new rows.
+    """
+    xp = get_xp(qkv)
+    B, Tn, C3 = qkv.shape
+    C = C3 // 3
+    hs = C // n_head
+    end = pos + Tn
+    # (B,Tn,C) -> (B,Tn,nh,hs) -> (B,nh,Tn,hs)
+    q = qkv[:, :, :C].reshape(B, Tn, n_head, hs).transpose(0, 2, 1, 3)
+    k_cache[:, :, pos:end] = qkv[:, :, C:2 * C].reshape(B, Tn, n_head, hs).transpose(0, 2, 1, 3)
+    v_cache[:, :, pos:end] = qkv[:, :, 2 * C:].reshape(B, Tn, n_head, hs).transpose(0, 2, 1, 3)
+    att = q @ k_cache[:, :, :end].transpose(0, 1, 3, 2)  # (B,nh,Tn,end)
+    att *= 1.0 / math.sqrt(hs)
+    att += causal_mask_bias(end, att.dtype, xp)[pos:end]  # new row i sees keys <= pos + i
+    att -= att.max(axis=-1, keepdims=True)
+    xp.exp(att, out=att)
+    att /= att.sum(axis=-1, keepdims=True)
+    y = att @ v_cache[:, :, :end]                 # (B,nh,Tn,hs)
+    return y.transpose(0, 2, 1, 3).reshape(B, Tn, C)  # (B,nh,Tn,hs) -> (B,Tn,C)
