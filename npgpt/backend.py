@@ -61,3 +61,15 @@ def device_of(array):
 def to_numpy(array):
     """A NumPy copy (or the array itself) of a NumPy or CuPy array."""
     return array if isinstance(array, np.ndarray) else _cupy.asnumpy(array)
+
+
+def rng_state(rng):
+    """A JSON-serialisable state of a NumPy generator (None for CuPy's, which has none)."""
+    bit_generator = getattr(rng, "bit_generator", None)
+    return None if bit_generator is None else bit_generator.state
+
+
+def set_rng_state(rng, state):
+    """Restore a state from rng_state (a no-op where there is none)."""
+    if state is not None and getattr(rng, "bit_generator", None) is not None:
+        rng.bit_generator.state = state

@@ -1,0 +1,229 @@
+"""The training loop that train.py and the notebooks share.
+
+    text -> tokens -> batch -> forward -> loss -> backward -> clip -> AdamW -> checkpoint
+
+    trainer = Trainer(TrainConfig(max_iters=200))
+    summary = trainer.run()            # {'iter', 'train_loss', 'val_loss', ...}
+    trainer.model.generate(...)
+
+A checkpoint is written at every eval and at the end (and on Ctrl-C). It holds all
+state a run depends on (parameters, AdamW moments and step, the iteration, the batch
+and dropout generators), so a resumed run continues bit-identically.
+"""
+import math
+import os
+import signal
+import time
+from dataclasses import asdict
+
+import numpy as np
+
+from . import data as datasets
+from .backend import rng_state, set_rng_state
+from .checkpoint import load, save
+from .errors import NpgptError
+from .model import GPT, GPTConfig
+from .optim import AdamW, clip_grad_norm
+from .tokenizers import build_tokenizer, tokenizer_from_json
+from .trainconfig import MODEL_FIELDS, TrainConfig
+from .trainlog import TrainLog
+
+BPE_TRAIN_CHARS = 10_000_000  # the bpe tokenizer learns its merges on at most this much text
+
+
+def get_lr(it, cfg):
+    """Linear warmup to cfg.lr, cosine decay to cfg.min_lr at the horizon, then min_lr."""
+    horizon = cfg.lr_decay_iters or cfg.max_iters
+    if it < cfg.warmup_iters:
+        return cfg.lr * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= horizon:
+        return cfg.min_lr
+    progress = (it - cfg.warmup_iters) / (horizon - cfg.warmup_iters)  # 0 -> 1
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def build_corpus_tokenizer(cfg, corpus):
+    """char: every character of the corpus; bpe: merges learned on its training part."""
+    if cfg.tokenizer == "char":
+        chars = set()
+        for chunk in datasets.iter_text(corpus):
+            chars.update(chunk)
+        return build_tokenizer("char", "".join(sorted(chars)))
+    text = datasets.read_text(corpus, max_chars=BPE_TRAIN_CHARS)
+    return build_tokenizer("bpe", text[: int(datasets.TRAIN_FRACTION * len(text))],
+                           vocab_size=cfg.vocab_size)
+
+
+class Trainer:
+    """Sets up data, tokenizer, model and optimizer for a TrainConfig (or resumes them from
+    OUT_DIR/ckpt.npz), then runs the loop."""
+
+    def __init__(self, cfg, resume=False, overrides=None, progress=True, out=print):
+        self.progress, self.out = progress, out
+        self.ckpt_path = os.path.join(cfg.out_dir, "ckpt.npz")
+        extra = None
+        if resume:
+            self.model, extra = load(self.ckpt_path, device=cfg.device)
+            cfg = self._resumed_config(extra, overrides or {})
+        cfg.validate()
+        self.cfg = cfg
+        self.log = TrainLog(cfg.out_dir)
+        corpus = datasets.resolve_corpus(cfg.data)
+        self.tokenizer = (tokenizer_from_json(extra["tokenizer"]) if resume
+                          else build_corpus_tokenizer(cfg, corpus))
+        self.data = datasets.prepare_tokens(corpus, self.tokenizer, os.path.join(cfg.out_dir, "data"))
+        self.data.check_fits(cfg.block_size)
+        if not resume:
+            config = GPTConfig(vocab_size=self.tokenizer.vocab_size, block_size=cfg.block_size,
+                               n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                               dropout=cfg.dropout)
+            self.model = GPT(config, seed=cfg.seed, dtype=cfg.dtype, device=cfg.device)
+        self.opt = AdamW(self.model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                         weight_decay=cfg.weight_decay)
+        self.batch_rng = np.random.default_rng(cfg.seed)
+        self.iter, self.best_val_loss, self.elapsed = 0, math.inf, 0.0
+        self.resumed = resume
+        if resume:
+            self._restore(extra)
+        self.stop_requested = False
+
+    # ------------------------------------------------------------------ setup
+    def _resumed_config(self, extra, overrides):
+        saved = TrainConfig(**extra["train_config"])
+        for name, value in overrides.items():
+            if name in MODEL_FIELDS and value != getattr(saved, name):
+                raise NpgptError(f"--{name.replace('_', '-')} {value} differs from the checkpoint's "
+                                 f"{getattr(saved, name)}: a resumed run keeps its model and data; "
+                                 "start a new run in another --out-dir instead")
+        return TrainConfig(**{**asdict(saved), **overrides})
+
+    def _restore(self, extra):
+        self.opt.load_state(extra["optim_t"], {"*": extra["optim.m"]}, {"*": extra["optim.v"]})
+        self.iter, self.best_val_loss = extra["iter"], extra["best_val_loss"]
+        self.elapsed = extra["elapsed_s"]
+        set_rng_state(self.batch_rng, extra["batch_rng"])
+        set_rng_state(self.model.rng, extra["dropout_rng"])
+
+    def save_checkpoint(self):
+        save(self.ckpt_path, self.model,
+             **{"optim.m": self.opt.m["*"], "optim.v": self.opt.v["*"]},
+             optim_t=self.opt.t, iter=self.iter, best_val_loss=self.best_val_loss,
+             elapsed_s=self.elapsed, batch_rng=rng_state(self.batch_rng),
+             dropout_rng=rng_state(self.model.rng), train_config=asdict(self.cfg),
+             tokenizer=self.tokenizer.to_json())
+
+    # ------------------------------------------------------------- one step
+    def batch(self, split, rng):
+        x, y = self.data.get_batch(split, self.cfg.batch_size, self.cfg.block_size, rng)
+        xp = self.model.xp
+        return xp.asarray(x), xp.asarray(y)
+
+    def train_step(self):
+        """One optimizer step over grad_accum micro-batches; returns the mean loss."""
+        cfg, model = self.cfg, self.model
+        lr = get_lr(self.iter, cfg)
+        losses = []
+        for micro in range(cfg.grad_accum):
+            x, y = self.batch("train", self.batch_rng)
+            _, loss = model.forward(x, y, train=True)
+            if not math.isfinite(loss):
+                raise NpgptError(
+                    f"the loss became {loss} at iteration {self.iter}; stopping. The last good "
+                    f"checkpoint ({self.ckpt_path}) is kept. Try a lower --lr, a --grad-clip, "
+                    "or --dtype float64")
+            losses.append(loss)
+            model.backward(accumulate=micro > 0)
+        if cfg.grad_accum > 1:
+            model.grads.flat *= 1.0 / cfg.grad_accum  # mean over micro-batches
+        if cfg.grad_clip > 0:
+            clip_grad_norm(model.grads, cfg.grad_clip)
+        self.opt.step(model.grads, lr=lr)
+        self.iter += 1
+        return sum(losses) / len(losses), lr
+
+    def evaluate(self):
+        """Mean loss over eval_iters batches of each split; the same batches every eval."""
+        rng = np.random.default_rng([self.cfg.seed, 1])
+        result = {}
+        for split in ("train", "val"):
+            losses = [self.model.forward(*self.batch(split, rng))[1]
+                      for _ in range(self.cfg.eval_iters)]
+            result[split] = sum(losses) / len(losses)
+        return result
+
+    # ------------------------------------------------------------------ loop
+    def _eval_and_save(self):
+        losses = self.evaluate()
+        self.best_val_loss = min(self.best_val_loss, losses["val"])
+        self.log.write({"iter": self.iter, "train_loss": losses["train"],
+                        "val_loss": losses["val"], "lr": get_lr(self.iter, self.cfg),
+                        "elapsed_s": round(self.elapsed, 3)})
+        self.log.plot()
+        self.save_checkpoint()
+        return losses
+
+    def run(self):
+        """Train up to cfg.max_iters; returns a summary dict."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        resumed_at = self.iter if self.resumed else None  # its eval is in the log already
+        if self.resumed:
+            self.log.truncate_after(resumed_at)
+        tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
+        self.out(f"npgpt: {self.model.num_params():,} parameters, vocab {self.tokenizer.vocab_size} "
+                 f"({self.tokenizer.name}), {len(self.data.splits['train']):,} train tokens, "
+                 f"{tokens_per_step:,} tokens per step, device {self.model.device}"
+                 + (f", resuming at iteration {resumed_at}" if self.resumed else ""))
+        bar = tqdm(total=cfg.max_iters, initial=self.iter, disable=not self.progress,
+                   dynamic_ncols=True, desc="train")
+        losses = {}
+        previous = _install_sigint(self)
+        try:
+            while True:
+                if self.stop_requested:
+                    self.save_checkpoint()
+                    self.out(f"\ninterrupted at iteration {self.iter}; checkpoint saved to "
+                             f"{self.ckpt_path} (continue with --resume)")
+                    break
+                done = self.iter >= cfg.max_iters
+                if (self.iter % cfg.eval_interval == 0 or done) and self.iter != resumed_at:
+                    losses = self._eval_and_save()
+                    bar.write(f"iter {self.iter}: train loss {losses['train']:.4f}, "
+                              f"val loss {losses['val']:.4f}")
+                if done:
+                    break
+                t0 = time.perf_counter()
+                loss, lr = self.train_step()
+                dt = time.perf_counter() - t0
+                self.elapsed += dt
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ms=f"{1000 * dt:.0f}",
+                                tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
+                if self.iter % cfg.log_interval == 0:
+                    self.log.write({"iter": self.iter - 1, "loss": loss, "lr": lr,
+                                    "ms_per_iter": round(1000 * dt, 2),
+                                    "tokens_per_s": round(tokens_per_step / dt, 1),
+                                    "elapsed_s": round(self.elapsed, 3)})
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+            bar.close()
+        return {"iter": self.iter, "train_loss": losses.get("train"), "val_loss": losses.get("val"),
+                "best_val_loss": self.best_val_loss, "elapsed_s": self.elapsed,
+                "interrupted": self.stop_requested}
+
+
+def _install_sigint(trainer):
+    """First Ctrl-C: finish the step, save, stop. Second: stop at once (the last
+    checkpoint on disk is intact: saves are atomic)."""
+    def handler(signum, frame):
+        if trainer.stop_requested:
+            raise KeyboardInterrupt
+        trainer.stop_requested = True
+
+    try:
+        return signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not in the main thread (e.g. some notebook runners)
+        return None
+

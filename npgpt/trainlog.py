@@ -1,0 +1,54 @@
+"""The training log: out/log.jsonl (one JSON record per eval and per logged step)
+and out/loss.png, the loss curves redrawn from that log at every eval."""
+import json
+import os
+
+from .checkpoint import atomic_write
+
+
+class TrainLog:
+    def __init__(self, out_dir):
+        self.path = os.path.join(out_dir, "log.jsonl")
+        self.png = os.path.join(out_dir, "loss.png")
+
+    def records(self):
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def truncate_after(self, it):
+        """Drop records a resumed run will write again: steps >= it and evals > it."""
+        keep = [r for r in self.records()
+                if (r["iter"] <= it if "val_loss" in r else r["iter"] < it)]
+        text = "".join(json.dumps(r) + "\n" for r in keep)
+        atomic_write(self.path, lambda f: f.write(text.encode()))
+
+    def write(self, record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def plot(self):
+        """Redraw loss.png: step losses, and train/val losses at each eval."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        records = self.records()
+        steps = [r for r in records if "loss" in r]
+        evals = [r for r in records if "val_loss" in r]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if steps:
+            ax.plot([r["iter"] for r in steps], [r["loss"] for r in steps],
+                    color="0.75", lw=1, label="train (batch)")
+        if evals:
+            its = [r["iter"] for r in evals]
+            ax.plot(its, [r["train_loss"] for r in evals], "o-", label="train (eval)")
+            ax.plot(its, [r["val_loss"] for r in evals], "o-", label="val (eval)")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("cross-entropy loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        atomic_write(self.png, lambda f: fig.savefig(f, format="png", dpi=100))
+        plt.close(fig)

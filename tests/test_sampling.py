@@ -1,0 +1,92 @@
+"""Sampling: greedy determinism, top-k / top-p exclusions, KV cache == recomputation."""
+import numpy as np
+import pytest
+
+from npgpt import GPT, GPTConfig
+from npgpt.sampling import next_token_probs, sample_next
+
+CFG = GPTConfig(vocab_size=23, block_size=12, n_layer=2, n_head=2, n_embd=16)
+
+
+def test_greedy_is_deterministic_and_is_the_argmax():
+    m = GPT(CFG, seed=2)
+    idx = np.array([[1, 5, 7]])
+    a = m.generate(idx, 20, temperature=0)
+    assert np.array_equal(a, m.generate(idx, 20, temperature=0, seed=99))
+    # each greedy token is the argmax of the full forward over its context
+    for t in range(3, 15):
+        logits, _ = m.forward(a[:, max(0, t - CFG.block_size):t])
+        assert a[0, t] == logits[0, -1].argmax()
+
+
+def test_seeded_sampling_is_reproducible_and_varies_with_the_seed():
+    m = GPT(CFG, seed=2)
+    idx = np.array([[1, 5, 7], [2, 2, 2]])
+    a = m.generate(idx, 30, seed=1)
+    assert np.array_equal(a, m.generate(idx, 30, seed=1))
+    assert not np.array_equal(a, m.generate(idx, 30, seed=2))
+    assert a.shape == (2, 33) and np.array_equal(a[:, :3], idx)
+
+
+def test_top_k_never_picks_excluded_tokens():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((4, 50))
+    top3 = np.argsort(-logits, axis=-1)[:, :3]
+    for _ in range(300):
+        ids = sample_next(logits, rng, temperature=2.0, top_k=3)
+        assert all(ids[b] in top3[b] for b in range(4))
+    probs = next_token_probs(logits, 1.0, top_k=3)
+    assert np.all((probs > 0).sum(-1) == 3)
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
+    probs = next_token_probs(logits, 1.0, top_p=0.75)  # 0.5 + 0.3 >= 0.75: two tokens
+    np.testing.assert_allclose(probs, [[0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0]])
+    probs = next_token_probs(logits, 1.0, top_p=0.1)   # the top token always stays
+    np.testing.assert_allclose(probs, [[1.0, 0.0, 0.0, 0.0]])
+    rng = np.random.default_rng(1)
+    seen = {int(sample_next(logits, rng, top_p=0.75)[0]) for _ in range(300)}
+    assert seen == {0, 1}
+
+
+def test_sampling_follows_the_distribution():
+    logits = np.log(np.array([[0.7, 0.2, 0.1]]))
+    rng = np.random.default_rng(3)
+    counts = np.bincount([int(sample_next(logits, rng)[0]) for _ in range(4000)], minlength=3)
+    np.testing.assert_allclose(counts / 4000, [0.7, 0.2, 0.1], atol=0.03)
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0), dict(seed=4),
+                                dict(temperature=0.7, top_k=5, seed=5),
+                                dict(top_p=0.8, seed=6)])
+def test_kv_cache_gives_the_same_tokens_as_recomputation(kw):
+    m = GPT(CFG, seed=3)
+    idx = np.array([[3, 1, 4, 1], [5, 9, 2, 6]])
+    # 30 new tokens: past block_size (12), so the sliding window is exercised too
+    cached = m.generate(idx, 30, use_cache=True, **kw)
+    np.testing.assert_array_equal(cached, m.generate(idx, 30, use_cache=False, **kw))
+
+
+def test_cached_logits_equal_full_forward_logits():
+    m = GPT(CFG, seed=4, dtype="float64")
+    from npgpt.model import KVCache
+    idx = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 10))
+    cache = KVCache(m, 2)
+    first = m._forward_logits(idx[:, :4], cache)
+    np.testing.assert_allclose(first, m.forward(idx[:, :4])[0][:, -1], rtol=1e-12)
+    for t in range(4, 10):
+        step = m._forward_logits(idx[:, t:t + 1], cache)
+        np.testing.assert_allclose(step, m.forward(idx[:, :t + 1])[0][:, -1], rtol=1e-10)
+
+
+def test_bad_sampling_arguments():
+    m = GPT(CFG)
+    with pytest.raises(ValueError, match="temperature"):
+        m.generate(np.array([[1]]), 2, temperature=-1)
+    with pytest.raises(ValueError, match="top_k"):
+        m.generate(np.array([[1]]), 2, top_k=0)
+    with pytest.raises(ValueError, match="top_p"):
+        m.generate(np.array([[1]]), 2, top_p=1.5)
+    with pytest.raises(ValueError, match="prompt"):
+        m.generate(np.zeros((1, 0), dtype=int), 2)

@@ -1,0 +1,157 @@
+"""The training loop: schedule, gradient accumulation, resume, NaN stop, Ctrl-C."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from npgpt import load
+from npgpt.errors import NpgptError
+from npgpt.trainconfig import PRESETS, TrainConfig
+from npgpt.training import Trainer, get_lr
+
+
+def tiny(tmp_path, corpus, **kw):
+    base = {**PRESETS["tiny"], "data": str(corpus), "out_dir": str(tmp_path / "out"),
+            "max_iters": 12, "eval_interval": 5, "eval_iters": 2, "log_interval": 2}
+    return TrainConfig(**{**base, **kw})
+
+
+def test_lr_schedule_warmup_cosine_floor():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    assert get_lr(0, cfg) == pytest.approx(1 / 11)
+    assert get_lr(9, cfg) == pytest.approx(10 / 11)
+    assert get_lr(10, cfg) == pytest.approx(1.0)
+    assert get_lr(60, cfg) == pytest.approx(0.55)  # half way: the mean of lr and min_lr
+    assert get_lr(110, cfg) == pytest.approx(0.1) and get_lr(500, cfg) == pytest.approx(0.1)
+    lrs = [get_lr(i, cfg) for i in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])), "cosine decay is monotone"
+    cfg.lr_decay_iters = 210  # an explicit horizon beyond max_iters
+    assert get_lr(110, cfg) == pytest.approx(0.55)
+
+
+def test_grad_accumulation_equals_one_big_batch(tmp_path, corpus):
+    cfg = tiny(tmp_path, corpus, dtype="float64", batch_size=4)
+    a = Trainer(cfg, progress=False, out=lambda *_: None)
+    b = Trainer(tiny(tmp_path, corpus, dtype="float64", batch_size=2, grad_accum=2),
+                progress=False, out=lambda *_: None)
+    rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
+    x, y = a.data.get_batch("train", 4, cfg.block_size, rng_a)
+    a.model.forward(x, y, train=True)
+    a.model.backward()
+    for micro in range(2):
+        xb, yb = b.data.get_batch("train", 2, cfg.block_size, rng_b)
+        np.testing.assert_array_equal(xb, x[2 * micro:2 * micro + 2])
+        b.model.forward(xb, yb, train=True)
+        b.model.backward(accumulate=micro > 0)
+    b.model.grads.flat *= 0.5
+    np.testing.assert_allclose(b.model.grads.flat, a.model.grads.flat, rtol=1e-10, atol=1e-14)
+
+
+def test_training_learns_and_writes_log_plot_checkpoint(tmp_path, corpus):
+    t = Trainer(tiny(tmp_path, corpus, max_iters=40, eval_interval=20, lr=3e-3), progress=False,
+                out=lambda *_: None)
+    first = t.evaluate()["val"]
+    summary = t.run()
+    assert summary["val_loss"] < first - 0.5
+    out = tmp_path / "out"
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [0, 20, 40]
+    assert set(evals[0]) == {"iter", "train_loss", "val_loss", "lr", "elapsed_s"}
+    assert any("loss" in r for r in records)
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    model, extra = load(out / "ckpt.npz")
+    assert extra["iter"] == 40 and "tokenizer" in extra and extra["optim_t"] == 40
+    np.testing.assert_array_equal(model.params.flat, t.model.params.flat)
+
+
+class Crash(Exception):
+    pass
+
+
+def run_until(cfg, n_steps, resume=False, graceful=False):
+    """Run, but stop after n_steps optimizer steps: by Ctrl-C (graceful) or by a crash
+    that saves nothing (as kill -9)."""
+    t = Trainer(cfg, resume=resume, progress=False, out=lambda *_: None)
+    step, done = t.train_step, [0]
+
+    def counting_step():
+        if done[0] == n_steps:
+            if not graceful:
+                raise Crash
+        result = step()
+        done[0] += 1
+        if done[0] == n_steps and graceful:
+            t.stop_requested = True  # what the SIGINT handler does
+        return result
+
+    t.train_step = counting_step
+    try:
+        t.run()
+    except Crash:
+        pass
+    return t
+
+
+@pytest.mark.parametrize("graceful", [False, True])
+def test_resume_after_interruption_is_bit_identical(tmp_path, corpus, graceful):
+    cfg = dict(dropout=0.1, grad_accum=2, max_iters=16)
+    straight = Trainer(tiny(tmp_path / "a", corpus, **cfg), progress=False, out=lambda *_: None)
+    straight.run()
+    interrupted_cfg = tiny(tmp_path / "b", corpus, **cfg)
+    run_until(interrupted_cfg, 7, graceful=graceful)  # last checkpoint: iter 5 (crash) or 7
+    _, extra = load(tmp_path / "b" / "out" / "ckpt.npz")
+    assert extra["iter"] == (7 if graceful else 5)
+    resumed = Trainer(interrupted_cfg, resume=True, progress=False, out=lambda *_: None)
+    resumed.run()
+    np.testing.assert_array_equal(resumed.model.params.flat, straight.model.params.flat)
+    log_a = [json.loads(x) for x in (tmp_path / "a/out/log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(x) for x in (tmp_path / "b/out/log.jsonl").read_text().splitlines()]
+    strip = [{k: v for k, v in r.items() if k not in ("elapsed_s", "ms_per_iter", "tokens_per_s")}
+             for r in log_a]
+    assert strip == [{k: v for k, v in r.items()
+                      if k not in ("elapsed_s", "ms_per_iter", "tokens_per_s")} for r in log_b]
+
+
+def test_extending_a_finished_run(tmp_path, corpus):
+    cfg = tiny(tmp_path, corpus, max_iters=10)
+    Trainer(cfg, progress=False, out=lambda *_: None).run()
+    t = Trainer(cfg, resume=True, overrides={"max_iters": 14}, progress=False, out=lambda *_: None)
+    assert t.cfg.max_iters == 14 and t.iter == 10
+    assert t.run()["iter"] == 14
+
+
+def test_resume_refuses_a_different_model(tmp_path, corpus):
+    cfg = tiny(tmp_path, corpus, max_iters=5)
+    Trainer(cfg, progress=False, out=lambda *_: None).run()
+    with pytest.raises(NpgptError, match="n-layer"):
+        Trainer(cfg, resume=True, overrides={"n_layer": 3}, progress=False)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
+    t = Trainer(tiny(tmp_path, corpus, max_iters=20), progress=False, out=lambda *_: None)
+    step = t.train_step
+
+    def poisoned():
+        if t.iter == 7:
+            t.model.params["transformer.ln_f.weight"][0] = math.nan
+        return step()
+
+    t.train_step = poisoned
+    with pytest.raises(NpgptError, match="nan at iteration 7"):
+        t.run()
+    model, extra = load(tmp_path / "out" / "ckpt.npz")
+    assert extra["iter"] == 5 and np.all(np.isfinite(model.params.flat))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(n_embd=30, n_head=4), "divisible"),
+    (dict(batch_size=0), "batch-size"),
+    (dict(tokenizer="bpe", vocab_size=100), "256"),
+    (dict(block_size=100000), "too short"),
+    (dict(dtype="float16"), "dtype"),
+])
+def test_impossible_settings_are_refused(tmp_path, corpus, kw, match):
+    with pytest.raises(NpgptError, match=match):
+        Trainer(tiny(tmp_path, corpus, **kw), progress=False)
