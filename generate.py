@@ -7,12 +7,16 @@ import numpy as np
 from npgpt.checkpoint import load
 from npgpt.cli import run_cli
 from npgpt.errors import NpgptError
+from npgpt.hf import from_pretrained, load_pretrained_tokenizer
 from npgpt.tokenizers import tokenizer_from_json
 
 
 def build_parser():
     p = argparse.ArgumentParser(prog="generate.py", description="Sample from an npgpt checkpoint.")
     p.add_argument("--ckpt", default="out/ckpt.npz", help="checkpoint to load (default: out/ckpt.npz)")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="sample from a Hugging Face GPT-2 folder (config.json + model.safetensors "
+                        "+ tokenizer files) instead of --ckpt")
     p.add_argument("--seed", default="\n", help="the prompt text (default: a newline)")
     p.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate (default: 500)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy (default: 1.0)")
@@ -42,14 +46,22 @@ class StreamDecoder:
         return self.tokenizer.decode(self.ids)[self.printed:]
 
 
+def load_model(args):
+    """(model, tokenizer) from --model DIR (Hugging Face GPT-2) or --ckpt (train.py's)."""
+    if args.model:
+        model = from_pretrained(args.model, device=args.device)
+        return model, load_pretrained_tokenizer(args.model)
+    model, extra = load(args.ckpt, device=args.device)
+    if "tokenizer" not in extra:
+        raise NpgptError(f"{args.ckpt} holds no tokenizer; it was not written by train.py")
+    return model, tokenizer_from_json(extra["tokenizer"])
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.max_new_tokens < 0 or args.num_samples < 1:
         raise NpgptError("--max-new-tokens must be >= 0 and --num-samples >= 1")
-    model, extra = load(args.ckpt, device=args.device)
-    if "tokenizer" not in extra:
-        raise NpgptError(f"{args.ckpt} holds no tokenizer; it was not written by train.py")
-    tokenizer = tokenizer_from_json(extra["tokenizer"])
+    model, tokenizer = load_model(args)
     prompt = tokenizer.encode(args.seed)
     if not prompt:
         raise NpgptError("the prompt encodes to no tokens; pass a non-empty --seed")

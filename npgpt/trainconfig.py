@@ -15,6 +15,7 @@ class TrainConfig:
     # data
     data: str = "shakespeare"       # 'shakespeare' (Tiny Shakespeare) or the path of a UTF-8 text file
     tokenizer: str = "char"         # 'char' (sorted characters of the corpus) or 'bpe' (byte-level BPE trained here)
+    init_from: str = ""             # fine-tune from a Hugging Face GPT-2 folder (config.json + model.safetensors) with its tokenizer
     vocab_size: int = 512           # vocabulary of the bpe tokenizer (>= 256; ignored for char)
     # model
     n_layer: int = 4                # transformer blocks
@@ -54,7 +55,8 @@ class TrainConfig:
         checks = [
             (self.n_embd % self.n_head == 0,
              f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head})"),
-            (self.tokenizer in ("char", "bpe"), f"--tokenizer must be char or bpe, got {self.tokenizer!r}"),
+            (self.tokenizer in ("char", "bpe") or self.init_from,
+             f"--tokenizer must be char or bpe, got {self.tokenizer!r}"),
             (self.tokenizer != "bpe" or self.vocab_size >= 256,
              f"--vocab-size must be at least 256 for the byte-level bpe tokenizer, got {self.vocab_size}"),
             (0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}"),
@@ -85,7 +87,8 @@ PRESETS = {
 }
 
 # fields that define the model or its data: fixed once a run has started
-MODEL_FIELDS = ("data", "tokenizer", "vocab_size", "n_layer", "n_head", "n_embd", "block_size")
+MODEL_FIELDS = ("data", "tokenizer", "init_from", "vocab_size", "n_layer", "n_head", "n_embd",
+                "block_size")
 
 _HELP_EPILOG = """\
 learning-rate schedule: linear warmup over --warmup-iters to --lr, then cosine decay to
@@ -106,9 +109,6 @@ def build_parser():
                         help="a bundle of settings (default: small); flags override it")
     parser.add_argument("--resume", action="store_true",
                         help="continue from OUT_DIR/ckpt.npz with its settings")
-    parser.add_argument("--init-from", default=None, metavar="DIR",
-                        help="fine-tune from a Hugging Face GPT-2 folder (config.json + "
-                             "model.safetensors) with its tokenizer")
     comments = _field_comments()
     for f in fields(TrainConfig):
         parser.add_argument("--" + f.name.replace("_", "-"), type=f.type,

@@ -10,6 +10,7 @@ A checkpoint is written at every eval and at the end (and on Ctrl-C). It holds a
 state a run depends on (parameters, AdamW moments and step, the iteration, the batch
 and dropout generators), so a resumed run continues bit-identically.
 """
+import dataclasses
 import math
 import os
 import signal
@@ -54,6 +55,16 @@ def build_corpus_tokenizer(cfg, corpus):
                            vocab_size=cfg.vocab_size)
 
 
+def crop_block_size(model, block_size):
+    """A copy of `model` that sees at most block_size positions (wpe's first rows)."""
+    config = dataclasses.replace(model.config, block_size=block_size)
+    cropped = GPT(config, dtype=str(model.dtype), device=model.device)
+    state = dict(model.params)
+    state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:block_size]
+    cropped.load_state_dict(state)
+    return cropped
+
+
 class Trainer:
     """Sets up data, tokenizer, model and optimizer for a TrainConfig (or resumes them from
     OUT_DIR/ckpt.npz), then runs the loop."""
@@ -69,15 +80,18 @@ class Trainer:
         self.cfg = cfg
         self.log = TrainLog(cfg.out_dir)
         corpus = datasets.resolve_corpus(cfg.data)
-        self.tokenizer = (tokenizer_from_json(extra["tokenizer"]) if resume
-                          else build_corpus_tokenizer(cfg, corpus))
-        self.data = datasets.prepare_tokens(corpus, self.tokenizer, os.path.join(cfg.out_dir, "data"))
-        self.data.check_fits(cfg.block_size)
-        if not resume:
+        if resume:
+            self.tokenizer = tokenizer_from_json(extra["tokenizer"])
+        elif cfg.init_from:
+            self.model, self.tokenizer = self._pretrained(cfg, overrides or {})
+        else:
+            self.tokenizer = build_corpus_tokenizer(cfg, corpus)
             config = GPTConfig(vocab_size=self.tokenizer.vocab_size, block_size=cfg.block_size,
                                n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                                dropout=cfg.dropout)
             self.model = GPT(config, seed=cfg.seed, dtype=cfg.dtype, device=cfg.device)
+        self.data = datasets.prepare_tokens(corpus, self.tokenizer, os.path.join(cfg.out_dir, "data"))
+        self.data.check_fits(cfg.block_size)
         self.opt = AdamW(self.model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                          weight_decay=cfg.weight_decay)
         self.batch_rng = np.random.default_rng(cfg.seed)
@@ -96,6 +110,29 @@ class Trainer:
                                  f"{getattr(saved, name)}: a resumed run keeps its model and data; "
                                  "start a new run in another --out-dir instead")
         return TrainConfig(**{**asdict(saved), **overrides})
+
+    def _pretrained(self, cfg, overrides):
+        """Model and tokenizer of a Hugging Face GPT-2 folder, as nanoGPT's init_from='gpt2':
+        the block size may be cropped below n_positions; dropout comes from cfg."""
+        from .hf import from_pretrained, load_pretrained_tokenizer
+        model = from_pretrained(cfg.init_from, device=cfg.device, dtype=cfg.dtype,
+                                dropout=cfg.dropout)
+        mc = model.config
+        for name in ("n_layer", "n_head", "n_embd"):
+            if name in overrides and overrides[name] != getattr(mc, name):
+                raise NpgptError(f"--{name.replace('_', '-')} {overrides[name]} differs from "
+                                 f"{cfg.init_from}'s {getattr(mc, name)}; drop the flag")
+        if cfg.block_size > mc.block_size:
+            if "block_size" in overrides:
+                raise NpgptError(f"--block-size {cfg.block_size} exceeds {cfg.init_from}'s "
+                                 f"n_positions ({mc.block_size})")
+            cfg.block_size = mc.block_size
+        if cfg.block_size < mc.block_size:
+            model = crop_block_size(model, cfg.block_size)
+        cfg.n_layer, cfg.n_head, cfg.n_embd = mc.n_layer, mc.n_head, mc.n_embd
+        tokenizer = load_pretrained_tokenizer(cfg.init_from)
+        cfg.tokenizer, cfg.vocab_size = tokenizer.name, tokenizer.vocab_size
+        return model, tokenizer
 
     def _restore(self, extra):
         self.opt.load_state(extra["optim_t"], {"*": extra["optim.m"]}, {"*": extra["optim.v"]})
