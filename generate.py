@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 
+from npgpt.backend import auto_device_note
 from npgpt.checkpoint import load
 from npgpt.cli import run_cli
 from npgpt.errors import NpgptError
@@ -62,6 +63,9 @@ def main(argv=None):
     if args.max_new_tokens < 0 or args.num_samples < 1:
         raise NpgptError("--max-new-tokens must be >= 0 and --num-samples >= 1")
     model, tokenizer = load_model(args)
+    note = auto_device_note(args.device, model.device)
+    if note:
+        print(note, file=sys.stderr)
     prompt = tokenizer.encode(args.seed)
     if not prompt:
         raise NpgptError("the prompt encodes to no tokens; pass a non-empty --seed")

@@ -34,6 +34,20 @@ def gpu_available():
     return _cupy is not None and bool(_cupy.is_available())
 
 
+def gpu_missing_reason():
+    """Why --device gpu cannot be used here (None when it can)."""
+    if _cupy is None:
+        return "CuPy is not installed"
+    return None if gpu_available() else "CuPy sees no usable GPU/driver"
+
+
+def auto_device_note(requested, resolved):
+    """The line to print when --device auto falls back to the CPU, else None."""
+    if requested == "auto" and resolved == "cpu":
+        return f"device auto: {gpu_missing_reason()}, so npgpt runs on the CPU"
+    return None
+
+
 def resolve_device(device):
     """Turn 'cpu' | 'gpu' | 'auto' into 'cpu' or 'gpu', or raise a clear error."""
     if device not in DEVICES:
@@ -41,7 +55,7 @@ def resolve_device(device):
     if device == "auto":
         return "gpu" if gpu_available() else "cpu"
     if device == "gpu" and not gpu_available():
-        why = "CuPy is not installed" if _cupy is None else "CuPy sees no usable GPU/driver"
+        why = gpu_missing_reason()
         raise NpgptError(f"--device gpu was asked for but {why}; "
                          "install the GPU extra (pip install -e \".[gpu]\") on a machine "
                          "with an NVIDIA GPU, or use --device cpu")
