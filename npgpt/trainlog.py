@@ -29,15 +29,15 @@ class TrainLog:
             f.write(json.dumps(record) + "\n")
 
     def plot(self):
-        """Redraw loss.png: step losses, and train/val losses at each eval."""
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        """Redraw loss.png: step losses, and train/val losses at each eval. Draws on a bare
+        Figure (no pyplot), so it leaves a notebook's plotting backend alone."""
+        from matplotlib.figure import Figure
 
         records = self.records()
         steps = [r for r in records if "loss" in r]
         evals = [r for r in records if "val_loss" in r]
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig = Figure(figsize=(7, 4))
+        ax = fig.subplots()
         if steps:
             ax.plot([r["iter"] for r in steps], [r["loss"] for r in steps],
                     color="0.75", lw=1, label="train (batch)")
@@ -51,4 +51,3 @@ class TrainLog:
         ax.legend()
         fig.tight_layout()
         atomic_write(self.png, lambda f: fig.savefig(f, format="png", dpi=100))
-        plt.close(fig)
