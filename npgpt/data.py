@@ -134,10 +134,13 @@ class TokenData:
                                  f"tokens, but one example needs block_size + 1 = "
                                  f"{block_size + 1}; use more text or a smaller --block-size")
 
-    def get_batch(self, split, batch_size, block_size, rng):
-        """x, y of shape (B,T) int64 (NumPy); y is x shifted one token to the right."""
+    def get_batch(self, split, batch_size, block_size, rng, part=slice(None)):
+        """x, y of shape (B,T) int64 (NumPy); y is x shifted one token to the right.
+
+        `part` keeps a slice of the batch_size drawn rows: a data-parallel rank draws the
+        whole global batch's offsets (the same on every rank) and gathers only its slice."""
         data = self.splits[split]
-        ix = rng.integers(0, len(data) - block_size, size=batch_size)  # (B,) start offsets
+        ix = rng.integers(0, len(data) - block_size, size=batch_size)[part]  # (B,) start offsets
         windows = np.lib.stride_tricks.sliding_window_view(data, block_size + 1)  # (N-T, T+1)
         rows = windows[ix].astype(np.int64)  # (B, T+1), gathered from the memory map
         return rows[:, :-1], rows[:, 1:]

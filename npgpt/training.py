@@ -9,8 +9,13 @@
 A checkpoint is written at every eval and at the end (and on Ctrl-C). It holds all
 state a run depends on (parameters, AdamW moments and step, the iteration, the batch
 and dropout generators), so a resumed run continues bit-identically.
+
+Under mpiexec the same loop runs data-parallel on every rank (comm, see distributed.py):
+each rank takes its slice of the global batch, the gradients are averaged by one
+all-reduce, and only rank 0 prints and writes the log, the plot and the checkpoints.
 """
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -20,8 +25,9 @@ from dataclasses import asdict
 import numpy as np
 
 from . import data as datasets
-from .backend import rng_state, set_rng_state
+from .backend import auto_device_note, rng_state, set_rng_state
 from .checkpoint import load, save
+from .distributed import Group, param_checksum, reseed
 from .errors import NpgptError
 from .model import GPT, GPTConfig
 from .optim import AdamW, clip_grad_norm
@@ -69,8 +75,10 @@ class Trainer:
     """Sets up data, tokenizer, model and optimizer for a TrainConfig (or resumes them from
     OUT_DIR/ckpt.npz), then runs the loop."""
 
-    def __init__(self, cfg, resume=False, overrides=None, progress=True, out=print):
-        self.progress, self.out = progress, out
+    def __init__(self, cfg, resume=False, overrides=None, progress=True, out=print, comm=None):
+        self.comm = comm = comm or Group()  # this process's data-parallel group
+        self.progress = progress and comm.rank == 0
+        self.out = out if comm.rank == 0 else (lambda *_: None)
         self.ckpt_path = os.path.join(cfg.out_dir, "ckpt.npz")
         extra = None
         if resume:
@@ -90,7 +98,9 @@ class Trainer:
                                n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                                dropout=cfg.dropout)
             self.model = GPT(config, seed=cfg.seed, dtype=cfg.dtype, device=cfg.device)
-        self.data = datasets.prepare_tokens(corpus, self.tokenizer, os.path.join(cfg.out_dir, "data"))
+        with comm.root_first():  # rank 0 encodes the token cache; ranks beside it reuse it
+            self.data = datasets.prepare_tokens(corpus, self.tokenizer,
+                                                os.path.join(cfg.out_dir, "data"))
         self.data.check_fits(cfg.block_size)
         self.opt = AdamW(self.model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                          weight_decay=cfg.weight_decay)
@@ -99,6 +109,8 @@ class Trainer:
         self.resumed = resume
         if resume:
             self._restore(extra)
+        if comm.size > 1:
+            self._join_ranks(extra or {})
         self.stop_requested = False
 
     # ------------------------------------------------------------------ setup
@@ -140,18 +152,51 @@ class Trainer:
         self.elapsed = extra["elapsed_s"]
         set_rng_state(self.batch_rng, extra["batch_rng"])
         set_rng_state(self.model.rng, extra["dropout_rng"])
+        saved_ranks = extra.get("world_size", 1)
+        if saved_ranks != self.comm.size:
+            self.out(f"the checkpoint was written by {saved_ranks} process(es), this run has "
+                     f"{self.comm.size}: the batch split changed, so batches (and dropout masks) "
+                     "differ from here on; parameters and optimizer state continue")
+
+    def _join_ranks(self, extra):
+        """Give each rank its dropout stream (saved, or seeded by rank: rank 0 keeps the
+        model's), then stop unless every rank has the same config, data, tokenizer,
+        iteration and parameters."""
+        comm, cfg = self.comm, self.cfg
+        saved = extra.get("dropout_rngs") or []
+        state = saved[comm.rank] if len(saved) == comm.size else None  # None: CuPy's, or new N
+        if state is not None:
+            set_rng_state(self.model.rng, state)
+        elif comm.rank > 0:
+            reseed(self.model.rng, [cfg.seed, comm.rank, self.iter])
+        with open(os.path.join(cfg.out_dir, "data", "tokens.json")) as f:
+            data = json.load(f)  # the token cache's fingerprint: corpus and tokenizer sha256
+        facts = {f"--{k.replace('_', '-')}": v for k, v in asdict(cfg).items()
+                 if k not in ("data", "out_dir")}  # paths may differ between hosts
+        facts.update(data, iteration=self.iter,
+                     parameter_checksum=param_checksum(self.model.params.flat))
+        comm.check_same(facts, "at start", "Every rank needs the same flags, corpus, "
+                        "npgpt version and (with --resume) checkpoint")
 
     def save_checkpoint(self):
+        """Rank 0 writes OUT_DIR/ckpt.npz (every rank takes part: it holds each rank's
+        dropout generator)."""
+        dropout = self.comm.gather(rng_state(self.model.rng))
+        if self.comm.rank != 0:
+            return
         save(self.ckpt_path, self.model,
              **{"optim.m": self.opt.m["*"], "optim.v": self.opt.v["*"]},
              optim_t=self.opt.t, iter=self.iter, best_val_loss=self.best_val_loss,
              elapsed_s=self.elapsed, batch_rng=rng_state(self.batch_rng),
-             dropout_rng=rng_state(self.model.rng), train_config=asdict(self.cfg),
-             tokenizer=self.tokenizer.to_json())
+             dropout_rng=dropout[0], dropout_rngs=dropout, world_size=self.comm.size,
+             train_config=asdict(self.cfg), tokenizer=self.tokenizer.to_json())
 
     # ------------------------------------------------------------- one step
     def batch(self, split, rng):
-        x, y = self.data.get_batch(split, self.cfg.batch_size, self.cfg.block_size, rng)
+        """This rank's slice of a global batch drawn from `rng` (the whole batch alone)."""
+        B, rank = self.cfg.batch_size, self.comm.rank
+        x, y = self.data.get_batch(split, B * self.comm.size, self.cfg.block_size, rng,
+                                   part=slice(rank * B, (rank + 1) * B))
         xp = self.model.xp
         return xp.asarray(x), xp.asarray(y)
 
@@ -172,11 +217,12 @@ class Trainer:
             model.backward(accumulate=micro > 0)
         if cfg.grad_accum > 1:
             model.grads.flat *= 1.0 / cfg.grad_accum  # mean over micro-batches
+        self.comm.average_(model.grads.flat)  # mean over ranks: one all-reduce
         if cfg.grad_clip > 0:
             clip_grad_norm(model.grads, cfg.grad_clip)
         self.opt.step(model.grads, lr=lr)
         self.iter += 1
-        return sum(losses) / len(losses), lr
+        return self.comm.mean(sum(losses) / len(losses)), lr
 
     def evaluate(self):
         """Mean loss over eval_iters batches of each split; the same batches every eval."""
@@ -185,40 +231,53 @@ class Trainer:
         for split in ("train", "val"):
             losses = [self.model.forward(*self.batch(split, rng))[1]
                       for _ in range(self.cfg.eval_iters)]
-            result[split] = sum(losses) / len(losses)
+            result[split] = self.comm.mean(sum(losses) / len(losses))
         return result
 
     # ------------------------------------------------------------------ loop
     def _eval_and_save(self):
         losses = self.evaluate()
+        if self.comm.size > 1:  # the ranks' parameters must still be identical
+            self.comm.check_same({"parameter checksum": param_checksum(self.model.params.flat)},
+                                 f"at iteration {self.iter}", "The parameters diverged: give "
+                                 "every rank the same npgpt, NumPy, BLAS and device")
         self.best_val_loss = min(self.best_val_loss, losses["val"])
-        self.log.write({"iter": self.iter, "train_loss": losses["train"],
-                        "val_loss": losses["val"], "lr": get_lr(self.iter, self.cfg),
-                        "elapsed_s": round(self.elapsed, 3)})
-        self.log.plot()
+        if self.comm.rank == 0:
+            self.log.write({"iter": self.iter, "train_loss": losses["train"],
+                            "val_loss": losses["val"], "lr": get_lr(self.iter, self.cfg),
+                            "elapsed_s": round(self.elapsed, 3)})
+            self.log.plot()
         self.save_checkpoint()
         return losses
 
     def run(self):
         """Train up to cfg.max_iters; returns a summary dict."""
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         cfg = self.cfg
         resumed_at = self.iter if self.resumed else None  # its eval is in the log already
-        if self.resumed:
+        if self.resumed and self.comm.rank == 0:
             self.log.truncate_after(resumed_at)
-        tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
+        n = self.comm.size
+        tokens_per_step = n * cfg.batch_size * cfg.block_size * cfg.grad_accum
         self.out(f"npgpt: {self.model.num_params():,} parameters, vocab {self.tokenizer.vocab_size} "
                  f"({self.tokenizer.name}), {len(self.data.splits['train']):,} train tokens, "
                  f"{tokens_per_step:,} tokens per step, device {self.model.device}"
-                 + (f", resuming at iteration {resumed_at}" if self.resumed else ""))
+                 + (f", resuming at iteration {resumed_at}" if self.resumed else "")
+                 + (f"; data-parallel on {n} MPI ranks, global batch {n} x {cfg.batch_size} "
+                    f"x {cfg.grad_accum} = {n * cfg.batch_size * cfg.grad_accum} sequences"
+                    if n > 1 else ""))
+        note = auto_device_note(cfg.device, self.model.device)
+        if note:
+            self.out(note)
         bar = tqdm(total=cfg.max_iters, initial=self.iter, disable=not self.progress,
                    dynamic_ncols=True, desc="train")
         losses = {}
         previous = _install_sigint(self)
         try:
             while True:
-                if self.stop_requested:
+                if self.comm.any(self.stop_requested):  # Ctrl-C on any rank stops them all
+                    self.stop_requested = True
                     self.save_checkpoint()
                     self.out(f"\ninterrupted at iteration {self.iter}; checkpoint saved to "
                              f"{self.ckpt_path} (continue with --resume)")
@@ -226,8 +285,9 @@ class Trainer:
                 done = self.iter >= cfg.max_iters
                 if (self.iter % cfg.eval_interval == 0 or done) and self.iter != resumed_at:
                     losses = self._eval_and_save()
-                    bar.write(f"iter {self.iter}: train loss {losses['train']:.4f}, "
-                              f"val loss {losses['val']:.4f}")
+                    if self.comm.rank == 0:
+                        bar.write(f"iter {self.iter}: train loss {losses['train']:.4f}, "
+                                  f"val loss {losses['val']:.4f}")
                 if done:
                     break
                 t0 = time.perf_counter()
@@ -237,11 +297,14 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ms=f"{1000 * dt:.0f}",
                                 tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
-                if self.iter % cfg.log_interval == 0:
-                    self.log.write({"iter": self.iter - 1, "loss": loss, "lr": lr,
-                                    "ms_per_iter": round(1000 * dt, 2),
-                                    "tokens_per_s": round(tokens_per_step / dt, 1),
-                                    "elapsed_s": round(self.elapsed, 3)})
+                if self.iter % cfg.log_interval == 0 and self.comm.rank == 0:
+                    record = {"iter": self.iter - 1, "loss": loss, "lr": lr,
+                              "ms_per_iter": round(1000 * dt, 2),
+                              "tokens_per_s": round(tokens_per_step / dt, 1),
+                              "elapsed_s": round(self.elapsed, 3)}
+                    if n > 1:
+                        record["allreduce_ms"] = round(1000 * self.comm.allreduce_s, 2)
+                    self.log.write(record)
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
