@@ -5,6 +5,17 @@ buffers), keeps the cache of its last forward, and in backward *adds* its parame
 gradients into the gradient views with `+=`. Because of that, the tied output head
 simply adds into the token-embedding gradient, and gradient accumulation over
 micro-batches needs no extra code.
+
+Memory (see ops.Workspace): a layer writes its forward results, which its backward
+needs, into a Workspace of its own, and its backward temporaries into a `scratch`
+Workspace that the blocks share: a backward result is dead once the next layer's
+backward has read it, so the memory of a step's backward does not grow with depth.
+Sharing follows the order of Block.backward: every Linear uses scratch["linear"] (each
+dx is read before the next Linear's backward), attention and GELU use scratch["core"]
+(their backwards are never in flight together), each LayerNorm role its own (ln_2's dx
+is the residual gradient that must outlive the attention branch). The residual
+branches' outputs are read right away into the residual stream, so both c_proj layers
+of every block write their forward results into scratch["residual"].
 """
 from . import ops
 
@@ -12,33 +23,35 @@ from . import ops
 class Linear:
     """y = x @ W + b, W of shape (in, out) as Hugging Face GPT-2's Conv1D."""
 
-    def __init__(self, params, grads, name):
+    def __init__(self, params, grads, name, scratch=None, ws=None):
         self.w, self.b = params[name + ".weight"], params[name + ".bias"]
         self.dw, self.db = grads[name + ".weight"], grads[name + ".bias"]
+        self.ws, self.scratch = ws or ops.Workspace(), scratch or ops.Workspace()
 
     def forward(self, x):
-        out, self.cache = ops.linear_forward(x, self.w, self.b)
+        out, self.cache = ops.linear_forward(x, self.w, self.b, self.ws)
         return out
 
     def backward(self, dout):
-        dx, dw, db = ops.linear_backward(dout, self.cache)
+        dx, dw, db = ops.linear_backward(dout, self.cache, self.scratch)
         self.dw += dw
         self.db += db
         return dx
 
 
 class LayerNorm:
-    def __init__(self, params, grads, name, eps=1e-5):
+    def __init__(self, params, grads, name, eps=1e-5, scratch=None):
         self.w, self.b = params[name + ".weight"], params[name + ".bias"]
         self.dw, self.db = grads[name + ".weight"], grads[name + ".bias"]
         self.eps = eps
+        self.ws, self.scratch = ops.Workspace(), scratch or ops.Workspace()
 
     def forward(self, x):
-        out, self.cache = ops.layernorm_forward(x, self.w, self.b, self.eps)
+        out, self.cache = ops.layernorm_forward(x, self.w, self.b, self.eps, self.ws)
         return out
 
     def backward(self, dout):
-        dx, dw, db = ops.layernorm_backward(dout, self.cache)
+        dx, dw, db = ops.layernorm_backward(dout, self.cache, self.scratch)
         self.dw += dw
         self.db += db
         return dx
@@ -69,11 +82,13 @@ class Dropout:
 class CausalSelfAttention:
     """qkv = c_attn(x) (C -> 3C); y = attention(qkv); out = dropout(c_proj(y))."""
 
-    def __init__(self, params, grads, name, n_head, dropout, rng):
-        self.c_attn = Linear(params, grads, name + ".c_attn")
-        self.c_proj = Linear(params, grads, name + ".c_proj")
+    def __init__(self, params, grads, name, n_head, dropout, rng, scratch):
+        self.c_attn = Linear(params, grads, name + ".c_attn", scratch["linear"])
+        self.c_proj = Linear(params, grads, name + ".c_proj", scratch["linear"],
+                             scratch["residual"])
         self.resid_dropout = Dropout(dropout, rng)
         self.n_head, self.p, self.rng = n_head, dropout, rng
+        self.ws, self.scratch = ops.Workspace(), scratch["core"]
 
     def forward(self, x, train, kv=None):
         qkv = self.c_attn.forward(x)  # (B,T,3C)
@@ -84,51 +99,60 @@ class CausalSelfAttention:
         if train and self.p > 0.0:
             B, T, _ = x.shape
             att_mask = ops.dropout_mask((B, self.n_head, T, T), self.p, self.rng, x.dtype)
-        y, self.cache = ops.attention_forward(qkv, self.n_head, att_mask)
+        y, self.cache = ops.attention_forward(qkv, self.n_head, att_mask, self.ws)
         return self.resid_dropout.forward(self.c_proj.forward(y), train)
 
     def backward(self, dout):
         dy = self.c_proj.backward(self.resid_dropout.backward(dout))
-        (dqkv,) = ops.attention_backward(dy, self.cache)
+        (dqkv,) = ops.attention_backward(dy, self.cache, self.scratch)
         return self.c_attn.backward(dqkv)
 
 
 class MLP:
     """out = dropout(c_proj(gelu(c_fc(x)))), C -> 4C -> C."""
 
-    def __init__(self, params, grads, name, dropout, rng):
-        self.c_fc = Linear(params, grads, name + ".c_fc")
-        self.c_proj = Linear(params, grads, name + ".c_proj")
+    def __init__(self, params, grads, name, dropout, rng, scratch):
+        self.c_fc = Linear(params, grads, name + ".c_fc", scratch["linear"])
+        self.c_proj = Linear(params, grads, name + ".c_proj", scratch["linear"],
+                             scratch["residual"])
         self.dropout = Dropout(dropout, rng)
+        self.ws, self.scratch = ops.Workspace(), scratch["core"]
 
     def forward(self, x, train):
-        h, self.gelu_cache = ops.gelu_forward(self.c_fc.forward(x))  # (B,T,4C)
+        h, self.gelu_cache = ops.gelu_forward(self.c_fc.forward(x), self.ws)  # (B,T,4C)
         return self.dropout.forward(self.c_proj.forward(h), train)
 
     def backward(self, dout):
         dh = self.c_proj.backward(self.dropout.backward(dout))
-        (dh,) = ops.gelu_backward(dh, self.gelu_cache)
+        (dh,) = ops.gelu_backward(dh, self.gelu_cache, self.scratch)
         return self.c_fc.backward(dh)
 
 
 class Block:
-    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
 
-    def __init__(self, params, grads, name, config, rng):
-        self.ln_1 = LayerNorm(params, grads, name + ".ln_1")
+    scratch: {role: Workspace} shared by all blocks (e.g. a defaultdict(ops.Workspace))."""
+
+    def __init__(self, params, grads, name, config, rng, scratch):
+        self.ln_1 = LayerNorm(params, grads, name + ".ln_1", scratch=scratch["ln_1"])
         self.attn = CausalSelfAttention(params, grads, name + ".attn", config.n_head,
-                                        config.dropout, rng)
-        self.ln_2 = LayerNorm(params, grads, name + ".ln_2")
-        self.mlp = MLP(params, grads, name + ".mlp", config.dropout, rng)
+                                        config.dropout, rng, scratch)
+        self.ln_2 = LayerNorm(params, grads, name + ".ln_2", scratch=scratch["ln_2"])
+        self.mlp = MLP(params, grads, name + ".mlp", config.dropout, rng, scratch)
 
     def forward(self, x, train, kv=None):
-        x = x + self.attn.forward(self.ln_1.forward(x), train, kv)
-        return x + self.mlp.forward(self.ln_2.forward(x), train)
+        """Adds both branches into the residual stream x in place and returns it."""
+        x += self.attn.forward(self.ln_1.forward(x), train, kv)
+        x += self.mlp.forward(self.ln_2.forward(x), train)
+        return x
 
     def backward(self, dout):
         # the residual passes dout straight through and adds each branch's input gradient
-        dx = dout + self.ln_2.backward(self.mlp.backward(dout))
-        return dx + self.ln_1.backward(self.attn.backward(dx))
+        dx = self.ln_2.backward(self.mlp.backward(dout))
+        dx += dout
+        dx2 = self.ln_1.backward(self.attn.backward(dx))
+        dx2 += dx
+        return dx2
 
 
 class Embedding:
@@ -137,30 +161,32 @@ class Embedding:
     def __init__(self, params, grads):
         self.wte, self.wpe = params["transformer.wte.weight"], params["transformer.wpe.weight"]
         self.dwte, self.dwpe = grads["transformer.wte.weight"], grads["transformer.wpe.weight"]
+        self.ws = ops.Workspace()
 
     def forward(self, idx, pos=0):
         """pos: position of idx[:, 0] (non-zero when continuing from a KV cache)."""
-        out, self.cache = ops.embedding_forward(idx, self.wte, self.wpe[pos:])
+        out, self.cache = ops.embedding_forward(idx, self.wte, self.wpe[pos:], self.ws)
         return out
 
     def backward(self, dout):
-        dwte, dwpe = ops.embedding_backward(dout, self.cache)
+        dwte, dwpe = ops.embedding_backward(dout, self.cache, self.ws)
         self.dwte += dwte
         self.dwpe += dwpe
 
 
 class TiedHead:
-    """logits = x @ wte.T, sharing the token embedding; its gradient adds into dwte."""
+    """logits = x @ wte.T, sharing the token embedding; its gradient adds into dwte.
+    The logits are a new array each time (the model returns them to the caller)."""
 
     def __init__(self, params, grads):
         self.wte, self.dwte = params["transformer.wte.weight"], grads["transformer.wte.weight"]
+        self.ws = ops.Workspace()
 
     def forward(self, x):
         out, self.cache = ops.head_forward(x, self.wte)
         return out
 
     def backward(self, dout):
-        dx, dwte = ops.head_backward(dout, self.cache)
+        dx, dwte = ops.head_backward(dout, self.cache, self.ws)
         self.dwte += dwte
         return dx
-

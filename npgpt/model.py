@@ -5,6 +5,7 @@
               -> ln_f -> logits = x @ wte.T (B,T,V) -> cross-entropy with targets
 """
 import json
+from collections import defaultdict
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -75,11 +76,12 @@ class GPT:
         p, g = self.params, self.grads
         self.embedding = Embedding(p, g)
         self.drop = Dropout(config.dropout, self.rng)
-        self.blocks = [Block(p, g, f"transformer.h.{i}", config, self.rng)
+        scratch = defaultdict(ops.Workspace)  # shared by every block (see layers.py)
+        self.blocks = [Block(p, g, f"transformer.h.{i}", config, self.rng, scratch)
                        for i in range(config.n_layer)]
         self.ln_f = LayerNorm(p, g, "transformer.ln_f")
         self.head = TiedHead(p, g)
-        self._loss_cache = None
+        self._loss_ws, self._loss_cache = ops.Workspace(), None
 
     @property
     def xp(self):
@@ -124,7 +126,7 @@ class GPT:
                              f"{tuple(idx.shape)}")
         if not bool((targets != -1).any()):
             raise ValueError("every target is ignore_index (-1): there is nothing to learn from")
-        loss, self._loss_cache = ops.cross_entropy_forward(logits, targets)
+        loss, self._loss_cache = ops.cross_entropy_forward(logits, targets, ws=self._loss_ws)
         return logits, float(loss)
 
     # ----------------------------------------------------------------- backward
@@ -140,7 +142,7 @@ class GPT:
             raise RuntimeError("backward() needs a forward(idx, targets) with targets first")
         if not accumulate:
             self.zero_grad()
-        (dlogits,) = ops.cross_entropy_backward(1.0, self._loss_cache)
+        (dlogits,) = ops.cross_entropy_backward(1.0, self._loss_cache, self._loss_ws)
         dx = self.ln_f.backward(self.head.backward(dlogits))
         for block in reversed(self.blocks):
             dx = block.backward(dx)

@@ -6,28 +6,72 @@ Glossary (used in every shape comment in npgpt):
     nh number of heads        hs head size = C // nh
 
 Every `*_forward(...)` returns `(out, cache)`; the matching `*_backward(dout, cache)`
-returns the gradient of the loss with respect to each input, in the order of the
-forward's arguments. The functions are pure (no state, no parameter updates), which
-is what the gradient checks in tests/ perturb, and they take their array module from
-their inputs, so they run unchanged on NumPy or CuPy. Scalars are Python floats:
-a NumPy float64 scalar would silently promote float32 arrays to float64.
+returns the gradient of the loss with respect to each floating-point input, in the
+order of the forward's arguments (integer inputs such as token ids get none). The
+functions are pure (no state, no parameter updates), which is what the gradient checks
+in tests/ perturb, and they take their array module from their inputs, so they run
+unchanged on NumPy or CuPy. Scalars are Python floats: a NumPy float64 scalar would
+silently promote float32 arrays to float64. Most ops take an optional Workspace `ws`
+saying where their results go: the layers pass one so that a training step reuses the
+previous step's memory; without one every result is a new array (same arithmetic).
 """
+import functools
 import math
 
 from .backend import get_xp
+
+
+class Workspace:
+    """Memory reused from one call of an op to the next: `ws(name, shape, like)` returns
+    an array of `shape` (like's dtype) in the memory kept under `name`, grown as needed.
+    A fresh 8 MB result costs more (the kernel faults in and zeroes its pages) than a
+    matrix product written into memory already mapped. What an op writes lives until
+    the next use of the same name, so layers choose who shares a workspace (layers.py).
+    FRESH (reuse=False), the default, always allocates."""
+
+    def __init__(self, reuse=True):
+        self.reuse, self.arrays = reuse, {}
+
+    def __call__(self, name, shape, like):
+        size = math.prod(shape)
+        a = self.arrays.get(name)
+        if a is None or a.size < size or a.dtype != like.dtype:
+            a = get_xp(like).empty(size, dtype=like.dtype)
+            if self.reuse:
+                self.arrays[name] = a
+        return a[:size].reshape(shape)
+
+
+FRESH = Workspace(reuse=False)
+
+
+@functools.lru_cache(maxsize=32)
+def _ones(n, dtype, xp):
+    return xp.ones(n, dtype=dtype)
+
+
+def _row_sums(a, ws, name):
+    """(..., 1) row sums of `a` as one matrix-vector product a @ ones (BLAS beats NumPy's
+    reductions over short rows several times)."""
+    xp = get_xp(a)
+    out = ws(name, a.shape[:-1] + (1,), a)
+    xp.matmul(a.reshape(-1, a.shape[-1]), _ones(a.shape[-1], a.dtype, xp), out=out.reshape(-1))
+    return out
+
 
 # ----------------------------------------------------------------------------
 # embeddings
 
 
-def embedding_forward(idx, wte, wpe):
+def embedding_forward(idx, wte, wpe, ws=FRESH):
     """out[b, t] = wte[idx[b, t]] + wpe[t].   idx (B,T) int, wte (V,C), wpe (block_size,C)."""
     T = idx.shape[1]
-    out = wte[idx] + wpe[:T]  # (B,T,C): gather rows, broadcast positions over B
+    out = get_xp(wte).take(wte, idx, axis=0, out=ws("out", idx.shape + wte.shape[1:], wte))
+    out += wpe[:T]  # (B,T,C): gathered rows, positions broadcast over B
     return out, (idx, wte.shape, wpe.shape)
 
 
-def embedding_backward(dout, cache):
+def embedding_backward(dout, cache, ws=FRESH):
     """Gather forward, scatter-add backward.
 
     forward:  out[b,t] = wte[idx[b,t]] + wpe[t]
@@ -38,11 +82,15 @@ def embedding_backward(dout, cache):
     """
     idx, wte_shape, wpe_shape = cache
     xp = get_xp(dout)
-    C = dout.shape[-1]
-    dwte = xp.zeros(wte_shape, dtype=dout.dtype)
-    xp.add.at(dwte, idx.reshape(-1), dout.reshape(-1, C))  # (B*T,) ids, (B*T,C) rows
-    dwpe = xp.zeros(wpe_shape, dtype=dout.dtype)
-    dwpe[: idx.shape[1]] = dout.sum(axis=0)
+    T, C = dout.shape[1:]
+    dwte = ws("dwte", wte_shape, dout)
+    dwte.fill(0)
+    # add.at (fastest on 1-D indices): one scalar per (position, channel) into dwte[idx*C + c]
+    flat = (idx[..., None] * C + xp.arange(C)).reshape(-1)  # (B*T*C,)
+    xp.add.at(dwte.reshape(-1), flat, dout.reshape(-1))
+    dwpe = ws("dwpe", wpe_shape, dout)
+    dwpe[T:] = 0
+    dout.sum(axis=0, out=dwpe[:T])
     return dwte, dwpe
 
 
@@ -50,26 +98,26 @@ def embedding_backward(dout, cache):
 # linear
 
 
-def linear_forward(x, w, b):
+def linear_forward(x, w, b, ws=FRESH):
     """out = x @ w + b.   x (..., Cin), w (Cin, Cout), b (Cout,) -> (..., Cout)."""
     x2 = x.reshape(-1, x.shape[-1])  # (N, Cin): one matrix product for all positions
-    out = x2 @ w
+    out = get_xp(x).matmul(x2, w, out=ws("out", (x2.shape[0], w.shape[1]), x))
     out += b
     return out.reshape(*x.shape[:-1], w.shape[1]), (x, w)  # (..., Cout)
 
 
-def linear_backward(dout, cache):
+def linear_backward(dout, cache, ws=FRESH):
     """forward: out = x @ w + b
     dx = dout @ w.T          (each x[n, i] meets w[i, :] in every output of row n)
     dw = x.T @ dout          (summed over all positions n)
     db = sum_n dout[n]       (b is broadcast over positions)
     """
-    x, w = cache
+    (x, w), xp = cache, get_xp(dout)
     dout2 = dout.reshape(-1, dout.shape[-1])  # (N, Cout)
     x2 = x.reshape(-1, x.shape[-1])           # (N, Cin)
-    dx = (dout2 @ w.T).reshape(x.shape)       # (..., Cin)
-    dw = x2.T @ dout2
-    db = dout2.sum(axis=0)
+    dx = xp.matmul(dout2, w.T, out=ws("dx", x2.shape, dout)).reshape(x.shape)  # (..., Cin)
+    dw = xp.matmul(x2.T, dout2, out=ws("dw", w.shape, dout))
+    db = xp.matmul(_ones(dout2.shape[0], dout.dtype, xp), dout2)  # column sums, by BLAS
     return dx, dw, db
 
 
@@ -78,20 +126,21 @@ def linear_backward(dout, cache):
 
 
 def head_forward(x, wte):
-    """logits = x @ wte.T.   x (..., C), wte (V, C) -> (..., V)."""
+    """logits = x @ wte.T.   x (..., C), wte (V, C) -> (..., V), always a new array."""
     x2 = x.reshape(-1, x.shape[-1])  # (N, C)
     return (x2 @ wte.T).reshape(*x.shape[:-1], wte.shape[0]), (x, wte)  # (..., V)
 
 
-def head_backward(dout, cache):
+def head_backward(dout, cache, ws=FRESH):
     """forward: logits = x @ wte.T
     dx   = dlogits @ wte
     dwte = dlogits.T @ x     (added by the layer into the embedding's gradient)
     """
-    x, wte = cache
+    (x, wte), xp = cache, get_xp(dout)
     dout2 = dout.reshape(-1, dout.shape[-1])  # (N, V)
-    dx = (dout2 @ wte).reshape(x.shape)       # (..., C)
-    dwte = dout2.T @ x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])           # (N, C)
+    dx = xp.matmul(dout2, wte, out=ws("dx", x2.shape, dout)).reshape(x.shape)  # (..., C)
+    dwte = xp.matmul(dout2.T, x2, out=ws("dwte", wte.shape, dout))
     return dx, dwte
 
 
@@ -99,18 +148,23 @@ def head_backward(dout, cache):
 # LayerNorm
 
 
-def layernorm_forward(x, w, b, eps=1e-5):
+def layernorm_forward(x, w, b, eps=1e-5, ws=FRESH):
     """out = (x - mean) / sqrt(var + eps) * w + b, statistics over the last axis (C)."""
-    mean = x.mean(axis=-1, keepdims=True)       # (..., 1)
-    xc = x - mean
-    var = (xc * xc).mean(axis=-1, keepdims=True)  # biased variance, as PyTorch
-    rstd = 1.0 / (var + eps) ** 0.5           # (..., 1)
-    xhat = xc * rstd
-    out = xhat * w + b
+    xp, inv_c = get_xp(x), 1.0 / x.shape[-1]
+    mean = _row_sums(x, ws, "mean")
+    mean *= inv_c                                             # (..., 1)
+    xhat = xp.subtract(x, mean, out=ws("xhat", x.shape, x))   # x - mean, scaled below
+    out = xp.multiply(xhat, xhat, out=ws("out", x.shape, x))  # (x - mean)^2, in out's memory
+    var = _row_sums(out, ws, "var")
+    var *= inv_c                                              # biased variance, as PyTorch
+    rstd = 1.0 / (var + eps) ** 0.5                           # (..., 1)
+    xhat *= rstd
+    xp.multiply(xhat, w, out=out)
+    out += b
     return out, (xhat, rstd, w)
 
 
-def layernorm_backward(dout, cache):
+def layernorm_backward(dout, cache, ws=FRESH):
     """forward: xhat = (x - mean) * rstd;  out = xhat * w + b
     db    = sum over positions of dout
     dw    = sum over positions of dout * xhat
@@ -121,14 +175,15 @@ def layernorm_backward(dout, cache):
              the component of dxhat along xhat)
     """
     xhat, rstd, w = cache
-    C = xhat.shape[-1]
-    dout2 = dout.reshape(-1, C)  # (N, C)
-    xhat2 = xhat.reshape(-1, C)  # (N, C)
-    db = dout2.sum(axis=0)
-    dw = (dout2 * xhat2).sum(axis=0)
-    dxhat = dout * w
-    dx = dxhat - dxhat.mean(axis=-1, keepdims=True)
-    dx -= xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)
+    xp, C = get_xp(dout), xhat.shape[-1]
+    ones = _ones(dout.size // C, dout.dtype, xp)
+    tmp = ws("tmp", xhat.shape, dout)
+    db = xp.matmul(ones, dout.reshape(-1, C))                 # column sums, by BLAS
+    dw = xp.matmul(ones, xp.multiply(dout, xhat, out=tmp).reshape(-1, C))
+    dx = xp.multiply(dout, w, out=ws("dx", xhat.shape, dout))  # dxhat
+    proj = _row_sums(xp.multiply(dx, xhat, out=tmp), ws, "proj")
+    dx -= _row_sums(dx, ws, "dmean") * (1.0 / C)
+    dx -= xp.multiply(xhat, proj * (1.0 / C), out=tmp)
     dx *= rstd
     return dx, dw, db
 
@@ -140,34 +195,42 @@ _GELU_K = math.sqrt(2.0 / math.pi)
 _GELU_A = 0.044715
 
 
-def gelu_forward(x):
-    """out = 0.5 x (1 + tanh(k (x + a x^3))),  k = sqrt(2/pi), a = 0.044715."""
-    t = x * x                    # x^2
-    t *= _GELU_A * x             # a x^3
-    t += x
-    t *= _GELU_K                 # u = k (x + a x^3)
-    get_xp(x).tanh(t, out=t)     # t = tanh(u)
-    out = t + 1.0
+def gelu_forward(x, ws=FRESH):
+    """out = 0.5 x (1 + tanh(u)),  u = k (x + a x^3) = x (k + k a x^2),
+    k = sqrt(2/pi), a = 0.044715. The cache holds x and out (kept anyway as the next
+    layer's input): backward recomputes tanh(u) rather than keep a third such array."""
+    xp = get_xp(x)
+    out = xp.multiply(x, x, out=ws("out", x.shape, x))  # x^2
+    out *= _GELU_K * _GELU_A
+    out += _GELU_K
+    out *= x                                            # u
+    xp.tanh(out, out=out)                               # t = tanh(u)
+    out += 1.0
     out *= x
     out *= 0.5
-    return out, (x, t)
+    return out, (x, out)
 
 
-def gelu_backward(dout, cache):
+def gelu_backward(dout, cache, ws=FRESH):
     """forward: u = k (x + a x^3);  t = tanh(u);  out = 0.5 x (1 + t)
     dout/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx,   du/dx = k (1 + 3 a x^2)
+            = 0.5 (1 + t) + A (1 - t),  A = out du/dx      (0.5 x (1 + t) is out)
+            = 1 + (A - 0.5) (1 - t)
     """
-    x, t = cache
-    dudx = x * x
-    dudx *= 3.0 * _GELU_A
-    dudx += 1.0
-    dudx *= _GELU_K                       # du/dx
-    local = 1.0 - t * t                   # dt/du = 1 - t^2
-    local *= dudx
-    local *= 0.5 * x                      # 0.5 x (1 - t^2) du/dx
-    local += 0.5 * (1.0 + t)              # + 0.5 (1 + t)
-    local *= dout
-    return (local,)
+    (x, out), xp = cache, get_xp(dout)
+    dx = xp.multiply(x, x, out=ws("dx", x.shape, dout))  # x^2
+    t = xp.multiply(dx, _GELU_K * _GELU_A, out=ws("tmp", x.shape, dout))
+    t += _GELU_K
+    t *= x
+    xp.tanh(t, out=t)                        # t = tanh(u), as in the forward
+    dx *= 3.0 * _GELU_K * _GELU_A
+    dx += _GELU_K                            # du/dx
+    dx *= out                                # A
+    dx -= 0.5
+    dx *= xp.subtract(1.0, t, out=t)         # (A - 0.5) (1 - t)
+    dx += 1.0
+    dx *= dout
+    return (dx,)
 
 
 # ----------------------------------------------------------------------------
@@ -196,13 +259,21 @@ def dropout_mask(shape, p, rng, dtype):
 # causal multi-head self-attention (the part between c_attn and c_proj)
 
 
+@functools.lru_cache(maxsize=16)
 def causal_mask_bias(T, dtype, xp):
-    """(T,T) additive mask: 0 where key position <= query position, -inf above."""
+    """(T,T) additive mask: 0 where key position <= query position, -inf above.
+    Computed once per (T, dtype): callers must not write into it."""
     future = xp.triu(xp.ones((T, T), dtype=bool), k=1)
     return xp.where(future, -math.inf, 0.0).astype(dtype)
 
 
-def attention_forward(qkv, n_head, att_mask=None):
+def _split_heads(qkv, n_head):
+    """(B,T,3C) -> q, k, v, each a (B,nh,T,hs) view: (B,T,3,nh,hs) -> (3,B,nh,T,hs)."""
+    B, T, C3 = qkv.shape
+    return qkv.reshape(B, T, 3, n_head, C3 // (3 * n_head)).transpose(2, 0, 3, 1, 4)
+
+
+def attention_forward(qkv, n_head, att_mask=None, ws=FRESH):
     """Scaled dot-product causal self-attention over all (batch, head) pairs at once.
 
     qkv (B,T,3C) is the fused projection [q | k | v]; returns y (B,T,C).
@@ -213,28 +284,25 @@ def attention_forward(qkv, n_head, att_mask=None):
     """
     xp = get_xp(qkv)
     B, T, C3 = qkv.shape
-    C = C3 // 3
-    hs = C // n_head
-    # split and view as heads: (B,T,C) -> (B,T,nh,hs) -> (B,nh,T,hs); no copy
-    q = qkv[:, :, :C].reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)
-    k = qkv[:, :, C:2 * C].reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)
-    v = qkv[:, :, 2 * C:].reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)
-    scale = 1.0 / math.sqrt(hs)
-    att = q @ k.transpose(0, 1, 3, 2)          # (B,nh,T,hs) @ (B,nh,hs,T) -> (B,nh,T,T)
-    att *= scale
-    att += causal_mask_bias(T, att.dtype, xp)  # -inf above the diagonal
-    att -= att.max(axis=-1, keepdims=True)     # stable softmax: the max of each row is 0
-    xp.exp(att, out=att)                       # exp(-inf) = 0: masked weights are exactly 0
-    att /= att.sum(axis=-1, keepdims=True)
-    att_used = att if att_mask is None else att * att_mask
-    y = att_used @ v                                   # (B,nh,T,T) @ (B,nh,T,hs) -> (B,nh,T,hs)
-    y = y.transpose(0, 2, 1, 3).reshape(B, T, C)       # (B,nh,T,hs) -> (B,T,nh,hs) -> (B,T,C)
-    return y, (q, k, v, att, att_used, att_mask, scale)
+    q, k, v = _split_heads(qkv, n_head)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    qs = xp.multiply(q, scale, out=ws("qs", q.shape, qkv))  # scaling q: T/hs times cheaper
+    att = xp.matmul(qs, k.transpose(0, 1, 3, 2), out=ws("att", (B, n_head, T, T), qkv))
+    att += causal_mask_bias(T, att.dtype, xp)     # -inf above the diagonal
+    att -= xp.max(att, axis=-1, keepdims=True, out=ws("rowmax", (B, n_head, T, 1), att))
+    xp.exp(att, out=att)                          # stable softmax: every row's max is 0, and
+    att *= 1.0 / _row_sums(att, ws, "rowsum")     # exp(-inf) = 0: masked weights are exactly 0
+    att_used = att if att_mask is None else xp.multiply(att, att_mask,
+                                                        out=ws("att_used", att.shape, att))
+    y = ws("y", (B, T, C3 // 3), qkv)
+    # (B,nh,T,T) @ (B,nh,T,hs) written straight into y's (B,T,nh,hs) layout: no merge copy
+    xp.matmul(att_used, v, out=y.reshape(B, T, n_head, -1).transpose(0, 2, 1, 3))
+    return y, (qs, k, v, att, att_used, att_mask, scale, y)
 
 
-def attention_backward(dy, cache):
+def attention_backward(dy, cache, ws=FRESH):
     """forward (per batch and head):
-        s   = q k^T * scale + causal      (1)
+        s   = qs k^T + causal             (1)  (qs = q * scale)
         att = softmax(s)  row-wise        (2)
         a   = att * att_mask              (3)  (a = att without dropout)
         y   = a v                         (4)
@@ -242,30 +310,26 @@ def attention_backward(dy, cache):
         (4) da = dy v^T ;  dv = a^T dy
         (3) datt = da * att_mask
         (2) ds = att * (datt - sum_j(datt * att))   (softmax Jacobian; att = 0 on masked
-            entries, so their gradient is exactly 0)
-        (1) dq = ds k * scale ;  dk = ds^T q * scale
+            entries, so their gradient is exactly 0). The row sums need no (T,T) product:
+            sum_j datt_ij att_ij = sum_j da_ij a_ij = sum_j (dy_i . v_j) a_ij = dy_i . y_i
+        (1) dq = ds k * scale ;  dk = ds^T qs
     Returns dqkv (B,T,3C).
     """
-    q, k, v, att, att_used, att_mask, scale = cache
-    xp = get_xp(dy)
-    B, nh, T, hs = q.shape
-    C = nh * hs
-    dy = dy.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)   # (B,T,C) -> (B,nh,T,hs)
-    dqkv = xp.empty((B, T, 3 * C), dtype=dy.dtype)
-    # views of dqkv as heads, written in place: (B,T,C) slices -> (B,nh,T,hs)
-    dq = dqkv[:, :, :C].reshape(B, T, nh, hs).transpose(0, 2, 1, 3)
-    dk = dqkv[:, :, C:2 * C].reshape(B, T, nh, hs).transpose(0, 2, 1, 3)
-    dv = dqkv[:, :, 2 * C:].reshape(B, T, nh, hs).transpose(0, 2, 1, 3)
-    dv[...] = att_used.transpose(0, 1, 3, 2) @ dy       # (4) dv = a^T dy
-    datt = dy @ v.transpose(0, 1, 3, 2)                 # (4) da = dy v^T      (B,nh,T,T)
+    qs, k, v, att, att_used, att_mask, scale, y = cache
+    xp, (B, nh, T, hs) = get_xp(dy), qs.shape
+    dy4 = dy.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)  # (B,T,C) -> (B,nh,T,hs)
+    dqkv = ws("dx", (B, T, 3 * nh * hs), dy)
+    dq, dk, dv = _split_heads(dqkv, nh)  # views of dqkv as heads, written in place
+    xp.matmul(att_used.transpose(0, 1, 3, 2), dy4, out=dv)  # (4) dv = a^T dy
+    ds = xp.matmul(dy4, v.transpose(0, 1, 3, 2), out=ws("tmp", att.shape, dy))  # (4) da
     if att_mask is not None:
-        datt *= att_mask                                # (3)
-    ds = datt                                           # (2), in place
-    ds -= (datt * att).sum(axis=-1, keepdims=True)
+        ds *= att_mask                                       # (3)
+    dy_y = xp.multiply(dy, y, out=ws("dy_y", y.shape, dy)).reshape(B, T, nh, hs)
+    ds -= _row_sums(dy_y, ws, "rowdot").transpose(0, 2, 1, 3)  # (2) dy_i . y_i, (B,nh,T,1)
     ds *= att
-    ds *= scale                                         # (1) scale folded in once
-    dq[...] = ds @ k                                    # (1) dq = ds k
-    dk[...] = ds.transpose(0, 1, 3, 2) @ q              # (1) dk = ds^T q
+    xp.matmul(ds, k, out=dq)                                 # (1) dq = ds k * scale
+    dq *= scale
+    xp.matmul(ds.transpose(0, 1, 3, 2), qs, out=dk)          # (1) dk = ds^T qs
     return (dqkv,)
 
 
@@ -273,7 +337,7 @@ def attention_backward(dy, cache):
 # softmax cross-entropy
 
 
-def cross_entropy_forward(logits, targets, ignore_index=-1):
+def cross_entropy_forward(logits, targets, ignore_index=-1, ws=FRESH):
     """Mean over positions whose target is not ignore_index of -log softmax(logits)[target].
 
     logits (..., V), targets (...) int. Stable: log-sum-exp after subtracting each row's max.
@@ -285,23 +349,24 @@ def cross_entropy_forward(logits, targets, ignore_index=-1):
     t = targets.reshape(-1)                     # (N,)
     valid = t != ignore_index
     t_safe = xp.where(valid, t, 0)
-    z = z - z.max(axis=-1, keepdims=True)       # shift: every row's max is 0
-    probs = xp.exp(z)
-    sumexp = probs.sum(axis=-1, keepdims=True)  # (N, 1), >= 1
-    probs /= sumexp
-    rows = xp.arange(z.shape[0])
-    nll = xp.log(sumexp[:, 0]) - z[rows, t_safe]  # log-sum-exp minus the target logit
+    probs = xp.subtract(z, z.max(axis=-1, keepdims=True), out=ws("probs", z.shape, logits))
+    z_target = probs[xp.arange(z.shape[0]), t_safe]  # (N,) target logits, shifted: max 0
+    xp.exp(probs, out=probs)
+    sumexp = _row_sums(probs, ws, "sumexp")     # (N, 1), >= 1
+    probs *= 1.0 / sumexp
+    nll = xp.log(sumexp[:, 0]) - z_target       # log-sum-exp minus the target logit
     count = valid.sum().astype(logits.dtype)    # positions that carry a target
     loss = (nll * valid).sum() / count
     return loss, (probs, t_safe, valid, count, logits.shape)
 
 
-def cross_entropy_backward(dloss, cache):
+def cross_entropy_backward(dloss, cache, ws=FRESH):
     """forward: loss = (1/n) sum_valid [ logsumexp(z_i) - z_i[t_i] ]
     dlogits_i = dloss/n * (softmax(z_i) - onehot(t_i)) for valid rows, 0 for ignored rows."""
     probs, t_safe, valid, count, shape = cache
     xp = get_xp(probs)
-    dlogits = probs.copy()
+    dlogits = ws("dlogits", probs.shape, probs)
+    dlogits[...] = probs
     dlogits[xp.arange(dlogits.shape[0]), t_safe] -= 1.0
     dlogits *= (valid * (dloss / count))[:, None].astype(dlogits.dtype)
     return (dlogits.reshape(shape),)
@@ -312,26 +377,21 @@ def cross_entropy_backward(dloss, cache):
 
 
 def attention_with_cache(qkv, n_head, k_cache, v_cache, pos):
-    """Causal attention of Tn new positions (pos .. pos+Tn-1) against every key so far.
-
-    qkv (B,Tn,3C) for the new positions; k_cache, v_cache (B,nh,block_size,hs) hold the
-    keys/values of positions < pos and receive the new ones. Returns y (B,Tn,C), equal
-    to attention_forward over the whole sequence restricted to the new rows.
-    """
+    """Causal attention of Tn new positions (pos .. pos+Tn-1) against every key so far:
+    qkv (B,Tn,3C); k_cache, v_cache (B,nh,block_size,hs) hold the keys/values of positions
+    < pos and receive the new ones. Returns y (B,Tn,C): attention_forward's new rows."""
     xp = get_xp(qkv)
     B, Tn, C3 = qkv.shape
-    C = C3 // 3
-    hs = C // n_head
     end = pos + Tn
-    # (B,Tn,C) -> (B,Tn,nh,hs) -> (B,nh,Tn,hs)
-    q = qkv[:, :, :C].reshape(B, Tn, n_head, hs).transpose(0, 2, 1, 3)
-    k_cache[:, :, pos:end] = qkv[:, :, C:2 * C].reshape(B, Tn, n_head, hs).transpose(0, 2, 1, 3)
-    v_cache[:, :, pos:end] = qkv[:, :, 2 * C:].reshape(B, Tn, n_head, hs).transpose(0, 2, 1, 3)
+    q, k, v = _split_heads(qkv, n_head)  # (B,nh,Tn,hs)
+    k_cache[:, :, pos:end] = k
+    v_cache[:, :, pos:end] = v
     att = q @ k_cache[:, :, :end].transpose(0, 1, 3, 2)  # (B,nh,Tn,end)
-    att *= 1.0 / math.sqrt(hs)
-    att += causal_mask_bias(end, att.dtype, xp)[pos:end]  # new row i sees keys <= pos + i
+    att *= 1.0 / math.sqrt(q.shape[-1])
+    # new row i sees every older key and the new keys pos .. pos + i
+    att[..., pos:end] += causal_mask_bias(Tn, att.dtype, xp)
     att -= att.max(axis=-1, keepdims=True)
     xp.exp(att, out=att)
     att /= att.sum(axis=-1, keepdims=True)
     y = att @ v_cache[:, :, :end]                 # (B,nh,Tn,hs)
-    return y.transpose(0, 2, 1, 3).reshape(B, Tn, C)  # (B,nh,Tn,hs) -> (B,Tn,C)
+    return y.transpose(0, 2, 1, 3).reshape(B, Tn, C3 // 3)  # (B,nh,Tn,hs) -> (B,Tn,C)

@@ -31,16 +31,15 @@ class AdamW:
         self.eps, self.weight_decay, self.t = eps, weight_decay, 0
         self.m = {n: get_xp(p).zeros_like(p) for n, p in _buffers(params)}
         self.v = {n: get_xp(p).zeros_like(p) for n, p in _buffers(params)}
-        # per-element weight-decay factor: 1 on matrices (ndim >= 2), 0 on biases / LayerNorm
+        self.scratch = {n: get_xp(p).empty_like(p) for n, p in _buffers(params)}
+        # weight decay applies to matrices (ndim >= 2) only, not to biases / LayerNorm:
+        # per buffer, the slices that hold matrices
         self.decay = {}
         for n, p in _buffers(params):
-            xp = get_xp(p)
             if n == "*":
-                parts = [xp.full(q.size, 1.0 if q.ndim >= 2 else 0.0, dtype=q.dtype)
-                         for q in params.values()]
-                self.decay[n] = xp.concatenate(parts)
+                self.decay[n] = _matrix_spans(params)
             else:
-                self.decay[n] = 1.0 if p.ndim >= 2 else 0.0
+                self.decay[n] = [slice(None)] if p.ndim >= 2 else []
 
     def step(self, grads, lr=None):
         """One update of every parameter in place; `lr` overrides the default for this step."""
@@ -52,17 +51,22 @@ class AdamW:
         flat = getattr(grads, "flat", None)
         gbufs = {"*": flat} if "*" in self.m else grads
         for n, p in _buffers(self.params):
-            g, m, v = gbufs[n], self.m[n], self.v[n]
+            g, m, v, tmp = gbufs[n], self.m[n], self.v[n], self.scratch[n]
             xp = get_xp(p)
             m *= b1
-            m += (1.0 - b1) * g
+            m += xp.multiply(g, 1.0 - b1, out=tmp)          # m = b1 m + (1 - b1) g
             v *= b2
-            v += (1.0 - b2) * (g * g)
-            denom = xp.sqrt(v)
+            tmp = xp.multiply(g, g, out=tmp)
+            tmp *= 1.0 - b2
+            v += tmp                                        # v = b2 v + (1 - b2) g^2
+            denom = xp.sqrt(v, out=tmp)
             denom *= 1.0 / bias2_sqrt
-            denom += self.eps
-            p *= 1.0 - (lr * self.weight_decay) * self.decay[n]
-            p -= (lr / bias1) * (m / denom)
+            denom += self.eps                               # sqrt(v / (1 - b2^t)) + eps
+            for span in self.decay[n]:
+                p[span] *= 1.0 - lr * self.weight_decay     # decoupled weight decay
+            update = xp.divide(m, denom, out=tmp)
+            update *= lr / bias1
+            p -= update
 
     def state(self):
         """The optimizer state as {key: array} plus the step count (for checkpoints)."""
@@ -73,6 +77,19 @@ class AdamW:
         for n in self.m:
             self.m[n][...] = get_xp(self.m[n]).asarray(m[n])
             self.v[n][...] = get_xp(self.v[n]).asarray(v[n])
+
+
+def _matrix_spans(params):
+    """Slices of a FlatDict's flat buffer that hold matrices, neighbours merged."""
+    spans, offset = [], 0
+    for q in params.values():
+        if q.ndim >= 2:
+            if spans and spans[-1].stop == offset:
+                spans[-1] = slice(spans[-1].start, offset + q.size)
+            else:
+                spans.append(slice(offset, offset + q.size))
+        offset += q.size
+    return spans
 
 
 def grad_norm(grads):

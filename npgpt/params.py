@@ -35,19 +35,21 @@ def init_gpt2(shapes, n_layer, seed, dtype):
     so a seed gives the same model on every device): matrices N(0, 0.02), the residual
     projections N(0, 0.02/sqrt(2 n_layer)), biases 0, LayerNorm weights 1."""
     rng = np.random.default_rng(seed)
-    parts = []
+    flat = np.empty(sum(math.prod(shape) for _, shape in shapes), dtype=dtype)
+    offset = 0
     for name, shape in shapes:
+        part = flat[offset:offset + math.prod(shape)]  # drawn in float64, stored in dtype
+        offset += part.size
         if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-            part = np.ones(shape)
+            part[:] = 1.0
         elif name.endswith(".bias"):
-            part = np.zeros(shape)
+            part[:] = 0.0
         else:
             std = 0.02
             if name.endswith("c_proj.weight"):
                 std = 0.02 / math.sqrt(2 * n_layer)
-            part = rng.normal(0.0, std, size=shape)
-        parts.append(part.astype(dtype).reshape(-1))
-    return np.concatenate(parts)
+            part[:] = rng.normal(0.0, std, size=shape).reshape(-1)
+    return flat
 
 
 class FlatDict(dict):

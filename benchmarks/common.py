@@ -1,0 +1,86 @@
+"""Shared by the benchmarks: the repository on sys.path, thread settings, machine facts,
+resident memory, timing statistics. Benchmark-only: npgpt itself imports none of this."""
+import os
+import platform
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+
+
+def set_threads(n):
+    """The same thread count for NumPy's BLAS and (if imported) PyTorch. Returns the
+    threadpoolctl limiter, which must stay alive for the limit to hold."""
+    from threadpoolctl import threadpool_limits
+    limiter = threadpool_limits(limits=n)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+    return limiter
+
+
+def machine_info():
+    """One line per fact: CPU, cores, NumPy and its BLAS (with the kernel in use), torch."""
+    from threadpoolctl import threadpool_info
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    blas = [f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture', '?')} kernels, "
+            f"{i.get('num_threads')} threads, {os.path.basename(i.get('filepath', ''))})"
+            for i in threadpool_info() if i.get("user_api") == "blas"]
+    lines = [f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
+             f"cpu: {cpu}, {os.cpu_count()} cores; python {platform.python_version()}",
+             f"numpy {np.__version__}; BLAS: {'; '.join(blas) or '?'}",
+             "env: " + ", ".join(f"{k}={os.environ.get(k, '(unset)')}"
+                                 for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+                                           "OMP_NUM_THREADS"))]
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        lines.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    return lines
+
+
+def rss_mb(field="VmRSS"):
+    """Resident memory of this process in MB (VmRSS now, VmHWM the peak), Linux only."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def reset_peak_rss():
+    """Make VmHWM start again from the current RSS (Linux >= 4.0); False if not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def stats(times):
+    """(median, min, max, spread) in ms; spread = (max - min) / median."""
+    t = 1e3 * np.asarray(times)
+    med = float(np.median(t))
+    return med, float(t.min()), float(t.max()), float((t.max() - t.min()) / med)
+
+
+def sgemm_rate(M, K, N, repeats=20):
+    """Best GFLOP/s of an (M,K) @ (K,N) float32 product written into a reused buffer."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((M, K), dtype=np.float32)
+    b = rng.standard_normal((K, N), dtype=np.float32)
+    c = np.empty((M, N), dtype=np.float32)
+    best = float("inf")
+    for _ in range(repeats + 3):
+        t = time.perf_counter()
+        np.matmul(a, b, out=c)
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * M * K * N / best / 1e9

@@ -1,0 +1,147 @@
+"""Generation speed of npgpt: the KV cache against recomputing the context, and a GPT-2
+124M-sized model against Hugging Face transformers on the same weights.
+
+    python benchmarks/generate.py            # KV cache vs recompute at contexts 64/128/256
+    python benchmarks/generate.py --gpt2     # GPT-2 124M shape: npgpt vs transformers
+
+Default mode: the lecture model (6 layers, 6 heads, 384 dims, context 256, vocab 65;
+random weights), batch 1, sampling at temperature 1. For each context c the prompt has
+c - n tokens and n tokens are generated, so the last token sees a context of c - 1; the
+per-token rate counts every token after the first (the first is the prompt's prefill).
+Both ways must produce the same tokens.
+
+--gpt2: 12 layers, 12 heads, 768 dims, vocab 50257, context 1024 (random GPT-2 init),
+a 32-token prompt, 200 greedy tokens with the KV cache, against
+GPT2LMHeadModel.generate(use_cache=True, do_sample=False) holding npgpt's weights.
+"""
+import argparse
+import os
+import time
+
+import common
+from common import np
+
+from npgpt import GPT, GPTConfig
+
+LECTURE = GPTConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384)
+GPT2 = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+
+
+def timed_stream(stream):
+    """(tokens, seconds to the first token, seconds for the rest) of a generator."""
+    t0 = time.perf_counter()
+    tokens = [next(stream)]
+    t1 = time.perf_counter()
+    tokens += list(stream)
+    t2 = time.perf_counter()
+    return np.stack(tokens, axis=1), t1 - t0, t2 - t1
+
+
+def kv_cache_vs_recompute(contexts, n_new, repeats):
+    model = GPT(LECTURE, seed=0)
+    rng = np.random.default_rng(0)
+    print(f"\n== KV cache vs recompute: lecture model ({LECTURE.n_layer} layers, "
+          f"{LECTURE.n_embd} dims, context {LECTURE.block_size}), batch 1, {n_new} tokens "
+          f"after a (context - {n_new})-token prompt; best of {repeats}")
+    print(f"   {'context':>7s} {'cached tok/s':>13s} {'recompute tok/s':>16s} {'speed-up':>9s}"
+          "  same tokens")
+    for c in contexts:
+        prompt = rng.integers(0, LECTURE.vocab_size, (1, c - n_new))
+        best = {}
+        toks = {}
+        for _ in range(repeats):
+            for use_cache in (True, False):
+                stream = model.generate_stream(prompt, n_new, temperature=1.0, seed=1,
+                                               use_cache=use_cache)
+                toks[use_cache], _, rest = timed_stream(stream)
+                best[use_cache] = min(best.get(use_cache, np.inf), rest)
+        rate = {k: (n_new - 1) / v for k, v in best.items()}
+        same = bool(np.array_equal(toks[True], toks[False]))
+        print(f"   {c:7d} {rate[True]:13.0f} {rate[False]:16.1f} "
+              f"{rate[True] / rate[False]:8.1f}x  {same}")
+
+
+def gpt2_vs_transformers(n_prompt, n_new, repeats):
+    import torch
+    import transformers
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT(GPT2, seed=0)
+    cfg = GPT2Config(vocab_size=GPT2.vocab_size, n_positions=GPT2.block_size,
+                     n_embd=GPT2.n_embd, n_layer=GPT2.n_layer, n_head=GPT2.n_head,
+                     activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0, layer_norm_epsilon=1e-5, tie_word_embeddings=True)
+    hf = GPT2LMHeadModel(cfg).eval()
+    state = {n: torch.from_numpy(p.copy()) for n, p in model.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and all("lm_head" in n or ".attn.bias" in n or "masked_bias" in n
+                                  for n in missing), (missing, unexpected)
+    hf.tie_weights()
+    assert torch.equal(hf.lm_head.weight, state["transformer.wte.weight"])
+
+    prompt = np.random.default_rng(0).integers(0, GPT2.vocab_size, (1, n_prompt))
+    tprompt = torch.from_numpy(prompt)
+    kwargs = dict(do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None,
+                  attention_mask=torch.ones_like(tprompt))
+
+    def run_hf(n):
+        with torch.inference_mode():
+            t = time.perf_counter()
+            out = hf.generate(tprompt, max_new_tokens=n, min_new_tokens=n, **kwargs)
+            return out[0, n_prompt:].numpy(), time.perf_counter() - t
+
+    def run_np():
+        stream = model.generate_stream(prompt, n_new, temperature=0.0)
+        toks, first, rest = timed_stream(stream)
+        return toks[0], first, first + rest
+
+    print(f"\n== GPT-2 124M shape ({model.num_params() / 1e6:.1f}M parameters, "
+          f"{4 * model.num_params() / 1e6:.0f} MB float32), random weights: "
+          f"{n_prompt}-token prompt, {n_new} greedy tokens, KV cache; best of {repeats}, "
+          f"alternating; transformers {transformers.__version__} "
+          f"(attention: {hf.config._attn_implementation})")
+    res = {"npgpt": [], "transformers": []}
+    ttft = {"npgpt": [], "transformers": []}
+    for i in range(repeats + 1):  # the first round warms up
+        np_toks, np_first, np_total = run_np()
+        hf_first = run_hf(1)[1]
+        hf_toks, hf_total = run_hf(n_new)
+        if i:
+            res["npgpt"].append(np_total)
+            res["transformers"].append(hf_total)
+            ttft["npgpt"].append(np_first)
+            ttft["transformers"].append(hf_first)
+    rate = {k: n_new / min(v) for k, v in res.items()}
+    for k in res:
+        spread = (max(res[k]) - min(res[k])) / min(res[k])
+        print(f"   {k:13s} {rate[k]:6.1f} tok/s  ({1e3 / rate[k]:.1f} ms/token, spread "
+              f"{100 * spread:.0f}%); time to first token {1e3 * min(ttft[k]):.0f} ms")
+    print(f"   ratio npgpt / transformers tok/s = {rate['npgpt'] / rate['transformers']:.2f}x")
+    agree = int(np.argmin(np.append(np_toks == hf_toks, False)))
+    print(f"   greedy tokens agree: {agree} of {n_new} "
+          f"({'all' if agree == n_new else f'first difference at token {agree}'})")
+    if agree < n_new:  # float32 rounding can flip a near-tie of the two best logits
+        logits, _ = model.forward(np.concatenate([prompt, np_toks[None, :agree + 1]], axis=1))
+        top2 = np.sort(logits[0, n_prompt + agree - 1])[-2:]
+        print(f"   (at that position the two best logits differ by {top2[1] - top2[0]:.2e})")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpt2", action="store_true")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    if args.gpt2:
+        import torch  # noqa: F401  (before set_threads, so torch gets the same count)
+    limiter = common.set_threads(args.threads)  # noqa: F841
+    print("\n".join(common.machine_info()))
+    if args.gpt2:
+        gpt2_vs_transformers(32, 200, args.repeats)
+    else:
+        kv_cache_vs_recompute((64, 128, 256), 32, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
