@@ -105,7 +105,7 @@ def load(path, device="cpu", dtype=None):
     fmt = str(data.pop(_FORMAT_KEY))
     if fmt != FORMAT:
         raise CheckpointError(f"{os.fspath(path)}: format {fmt!r}, this npgpt reads {FORMAT!r}")
-    model = GPT(config, dtype=dtype or meta.pop("dtype"), device=device)
+    model = GPT(config, dtype=dtype or meta.pop("dtype"), device=device, init=False)
     meta.pop("dtype", None)
     state = {n: data.pop(n) for n in list(data) if n in model.params}
     try:

@@ -21,9 +21,9 @@ transformers saved (`h.N.attn.bias`, `h.N.attn.masked_bias`) are ignored, tensor
 are accepted with or without the "transformer." prefix, and `lm_head.weight` is
 accepted when it equals `transformer.wte.weight`.
 
-Loading builds `GPT(config)` first (its random initialisation costs ~1-2 s for the
-124M model) and then copies one tensor at a time into it, so peak memory is the model
-plus one tensor, not the model plus the whole file.
+Loading builds `GPT(config, init=False)` first (zeros, no random draw) and then copies
+one tensor at a time into it, so peak memory is the model plus one tensor, not the
+model plus the whole file.
 
 Tokenizers: save_pretrained writes a GPT-2 tokenizer ("gpt2") as vocab.json +
 merges.txt, which transformers' GPT2Tokenizer loads. npgpt's own "char" and "bpe"
@@ -236,7 +236,7 @@ def from_pretrained(folder, device="cpu", dtype="float32", dropout=None):
                 raise CheckpointError(f"{path}: missing, corrupt or not a safetensors file "
                                       f"({e})") from None
         found, lm_head = _index_tensors(handles, shapes, folder)
-        model = GPT(config, dtype=dtype, device=device)
+        model = GPT(config, dtype=dtype, device=device, init=False)
         try:
             for name, (f, key) in found.items():
                 p = model.params[name]

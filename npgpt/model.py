@@ -5,6 +5,7 @@
               -> ln_f -> logits = x @ wte.T (B,T,V) -> cross-entropy with targets
 """
 import json
+import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass, fields
 
@@ -60,7 +61,9 @@ def _divisors_hint(n):
 class GPT:
     """A GPT-2-layout decoder. `params` / `grads`: {Hugging Face name: array view}."""
 
-    def __init__(self, config, seed=0, dtype="float32", device="cpu"):
+    def __init__(self, config, seed=0, dtype="float32", device="cpu", init=True):
+        """init=False leaves the parameters at zero, for a caller that loads them (it
+        skips drawing random weights: ~1.5 s for GPT-2 124M)."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         self.config, self.dtype = config, np.dtype(dtype)
@@ -68,7 +71,10 @@ class GPT:
         xp = array_module(self.device)
         init_seed, dropout_seed = np.random.SeedSequence(seed).spawn(2)
         shapes = gpt2_param_shapes(config)
-        flat = xp.asarray(init_gpt2(shapes, config.n_layer, init_seed, self.dtype))
+        if init:
+            flat = xp.asarray(init_gpt2(shapes, config.n_layer, init_seed, self.dtype))
+        else:
+            flat = xp.zeros(sum(math.prod(shape) for _, shape in shapes), dtype=self.dtype)
         self.params = FlatDict(flat, shapes)
         self.grads = FlatDict(xp.zeros_like(flat), shapes)
         # the model's own generator for dropout masks (reproducible per device)

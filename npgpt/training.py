@@ -64,7 +64,7 @@ def build_corpus_tokenizer(cfg, corpus):
 def crop_block_size(model, block_size):
     """A copy of `model` that sees at most block_size positions (wpe's first rows)."""
     config = dataclasses.replace(model.config, block_size=block_size)
-    cropped = GPT(config, dtype=str(model.dtype), device=model.device)
+    cropped = GPT(config, dtype=str(model.dtype), device=model.device, init=False)
     state = dict(model.params)
     state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:block_size]
     cropped.load_state_dict(state)

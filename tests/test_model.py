@@ -209,3 +209,8 @@ def test_minus_1000_logit_is_stable_through_the_model():
     _, loss = m.forward(idx, targets)
     assert math.isfinite(loss) and 990 < loss < 1010
     assert np.all(np.isfinite(m.backward().flat))
+
+
+def test_init_false_leaves_zeros_for_a_loader():
+    m = GPT(CFG, init=False)
+    assert m.params.flat.dtype == np.float32 and not m.params.flat.any()
