@@ -75,3 +75,23 @@ def test_clip_grad_norm_scales_in_place_and_returns_pre_clip_norm():
     d = {"a": np.full(3, 2.0), "b": np.full((2, 2), 2.0)}
     assert math.isclose(float(clip_grad_norm(d, 1.0)), math.sqrt(7 * 4.0))
     assert math.isclose(math.sqrt(sum(float(np.sum(x ** 2)) for x in d.values())), 1.0, rel_tol=1e-5)
+
+
+def test_adamw_refuses_strided_parameters():
+    with pytest.raises(ValueError, match="contiguous"):
+        AdamW({"w": np.zeros((4, 6))[:, ::2]})
+
+
+def test_adamw_chunks_give_the_same_update(monkeypatch):
+    """The flat buffer is updated CHUNK elements at a time: any chunking, same numbers."""
+    from npgpt import optim
+    results = []
+    for chunk in (optim.CHUNK, 7):
+        monkeypatch.setattr(optim, "CHUNK", chunk)
+        model = GPT(CFG, dtype="float64")
+        opt = AdamW(model.params, lr=0.01, weight_decay=0.1)
+        model.grads.flat[:] = np.random.default_rng(0).standard_normal(model.grads.flat.size)
+        opt.step(model.grads)
+        opt.step(model.grads)
+        results.append(model.params.flat.copy())
+    np.testing.assert_array_equal(results[0], results[1])
