@@ -84,6 +84,9 @@ class Trainer:
         if resume:
             self.model, extra = load(self.ckpt_path, device=cfg.device)
             cfg = self._resumed_config(extra, overrides or {})
+        elif os.path.exists(self.ckpt_path):  # never overwrite a run the user has
+            raise NpgptError(f"{self.ckpt_path} already holds a run: continue it with --resume, "
+                             "or start a new one in another --out-dir (or delete it first)")
         cfg.validate()
         self.cfg = cfg
         self.log = TrainLog(cfg.out_dir)
@@ -256,8 +259,8 @@ class Trainer:
 
         cfg = self.cfg
         resumed_at = self.iter if self.resumed else None  # its eval is in the log already
-        if self.resumed and self.comm.rank == 0:
-            self.log.truncate_after(resumed_at)
+        if self.comm.rank == 0:  # a new run starts a new log
+            self.log.truncate_after(resumed_at if self.resumed else 0)
         n = self.comm.size
         tokens_per_step = n * cfg.batch_size * cfg.block_size * cfg.grad_accum
         self.out(f"npgpt: {self.model.num_params():,} parameters, vocab {self.tokenizer.vocab_size} "

@@ -18,9 +18,10 @@ class TrainLog:
             return [json.loads(line) for line in f if line.strip()]
 
     def truncate_after(self, it):
-        """Drop records a resumed run will write again: steps >= it and evals > it."""
-        keep = [r for r in self.records()
-                if (r["iter"] <= it if "val_loss" in r else r["iter"] < it)]
+        """Drop records a resumed run will write again: steps >= it and evals > it
+        (it = 0: a new run, whose eval at 0 is not written yet, keeps nothing)."""
+        keep = [r for r in self.records() if it > 0
+                and (r["iter"] <= it if "val_loss" in r else r["iter"] < it)]
         text = "".join(json.dumps(r) + "\n" for r in keep)
         atomic_write(self.path, lambda f: f.write(text.encode()))
 

@@ -155,3 +155,22 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
 def test_impossible_settings_are_refused(tmp_path, corpus, kw, match):
     with pytest.raises(NpgptError, match=match):
         Trainer(tiny(tmp_path, corpus, **kw), progress=False)
+
+
+def test_a_new_run_never_overwrites_an_existing_one(tmp_path, corpus):
+    cfg = tiny(tmp_path, corpus, max_iters=5)
+    Trainer(cfg, progress=False, out=lambda *_: None).run()
+    before = (tmp_path / "out" / "ckpt.npz").read_bytes()
+    with pytest.raises(NpgptError, match="--resume"):
+        Trainer(cfg, progress=False, out=lambda *_: None)
+    assert (tmp_path / "out" / "ckpt.npz").read_bytes() == before
+
+
+def test_a_new_run_starts_a_new_log(tmp_path, corpus):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"iter": 99, "loss": 1.0}\n')  # left by a run that died early
+    Trainer(tiny(tmp_path, corpus, max_iters=2, eval_interval=2), progress=False,
+            out=lambda *_: None).run()
+    records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert records[0]["iter"] == 0 and all(r["iter"] != 99 for r in records)
