@@ -222,6 +222,7 @@ class GPT:
     def _forward_logits(self, idx, cache=None):
         """Logits (B,V) of the last position; with a cache, idx continues cache.pos."""
         pos = 0 if cache is None else cache.pos
+        self._loss_cache = None  # the layers' caches now hold this pass: no backward after it
         x = self.embedding.forward(idx, pos)  # (B,Tn,C)
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else (cache.k[i], cache.v[i], pos)

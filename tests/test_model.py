@@ -214,3 +214,13 @@ def test_minus_1000_logit_is_stable_through_the_model():
 def test_init_false_leaves_zeros_for_a_loader():
     m = GPT(CFG, init=False)
     assert m.params.flat.dtype == np.float32 and not m.params.flat.any()
+
+
+def test_backward_after_generate_is_refused():
+    """Sampling overwrites the layers' caches, so a pending backward would be wrong."""
+    m = GPT(CFG)
+    idx, targets = batch(CFG)
+    m.forward(idx, targets)
+    m.generate(idx[:, :2], 2)
+    with pytest.raises(RuntimeError, match="forward"):
+        m.backward()
