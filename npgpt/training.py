@@ -187,9 +187,10 @@ class Trainer:
         dropout = self.comm.gather(rng_state(self.model.rng))
         if self.comm.rank != 0:
             return
+        opt = self.opt.state()  # the moments of model.params' one flat buffer, key "*"
         save(self.ckpt_path, self.model,
-             **{"optim.m": self.opt.m["*"], "optim.v": self.opt.v["*"]},
-             optim_t=self.opt.t, iter=self.iter, best_val_loss=self.best_val_loss,
+             **{"optim.m": opt["m"]["*"], "optim.v": opt["v"]["*"]},
+             optim_t=opt["t"], iter=self.iter, best_val_loss=self.best_val_loss,
              elapsed_s=self.elapsed, batch_rng=rng_state(self.batch_rng),
              dropout_rng=dropout[0], dropout_rngs=dropout, world_size=self.comm.size,
              train_config=asdict(self.cfg), tokenizer=self.tokenizer.to_json())
