@@ -77,13 +77,37 @@ def to_numpy(array):
     return array if isinstance(array, np.ndarray) else _cupy.asnumpy(array)
 
 
-def rng_state(rng):
-    """A JSON-serialisable state of a NumPy generator (None for CuPy's, which has none)."""
-    bit_generator = getattr(rng, "bit_generator", None)
-    return None if bit_generator is None else bit_generator.state
+class RandomStream:
+    """The model's dropout randomness, the same design on NumPy and on CuPy.
 
+    Training forward pass number n draws every dropout mask it needs from a new
+    counter-based generator (Philox) keyed by SeedSequence(key + [n]). The whole state is
+    therefore (key, n): a few integers that a checkpoint stores as JSON, where CuPy's
+    generators expose no state to save. A resumed run draws exactly the masks an
+    uninterrupted one would, on either device (the bits differ between NumPy and CuPy).
+    """
 
-def set_rng_state(rng, state):
-    """Restore a state from rng_state (a no-op where there is none)."""
-    if state is not None and getattr(rng, "bit_generator", None) is not None:
-        rng.bit_generator.state = state
+    def __init__(self, xp, key):
+        self.xp, self.key, self.calls, self._gen = xp, [int(k) for k in key], 0, None
+
+    def next_pass(self):
+        """Start the next training forward pass's masks."""
+        self.calls += 1
+        self._gen = None
+
+    def random(self, shape, dtype):
+        """Uniform [0, 1) floats for the current pass (it continues between calls)."""
+        if self._gen is None:
+            seed = np.random.SeedSequence(self.key + [self.calls])
+            if self.xp is np:
+                self._gen = np.random.Generator(np.random.Philox(seed))
+            else:  # CuPy's bit generators take an integer seed
+                self._gen = self.xp.random.Generator(
+                    self.xp.random.Philox4x3210(int(seed.generate_state(1, np.uint64)[0])))
+        return self._gen.random(shape, dtype=dtype)
+
+    def state(self):
+        return {"key": self.key, "calls": self.calls}
+
+    def set_state(self, state):
+        self.key, self.calls, self._gen = [int(k) for k in state["key"]], int(state["calls"]), None

@@ -9,9 +9,8 @@ averages the N gradients. Every rank then applies the same AdamW step to the sam
 parameters, so they stay identical without being sent; a checksum compares them at
 start and at every eval. Only rank 0 prints and writes files.
 
-Dropout: rank 0 keeps the model's own generator (one rank is exactly one process) and
-rank r > 0 reseeds its generator from (seed, r, iteration), so the ranks draw
-independent masks. The masks therefore differ from a single process with the summed
+Dropout: rank 0 keeps the model's own dropout stream (one rank is exactly one process)
+and rank r > 0 adds r to its stream's key, so the ranks draw independent masks. The masks therefore differ from a single process with the summed
 batch (which draws one mask for all its rows); with dropout 0 the runs are equal up
 to the summation order of the all-reduce.
 
@@ -27,8 +26,6 @@ import sys
 import time
 import traceback
 from contextlib import contextmanager
-
-import numpy as np
 
 from .backend import get_xp, gpu_available, to_numpy
 from .cli import run_cli
@@ -75,16 +72,6 @@ def param_checksum(flat):
     return int(flat.view(xp.uint32).sum(dtype=xp.uint64))
 
 
-def reseed(rng, entropy):
-    """Reseed a NumPy or CuPy Generator in place (the model's layers hold a reference
-    to it, so it cannot be replaced) from np.random.SeedSequence(entropy)."""
-    seq = np.random.SeedSequence(entropy)
-    if isinstance(rng, np.random.Generator):
-        rng.bit_generator.state = type(rng.bit_generator)(seq).state
-    else:  # CuPy's Generator keeps its bit generator in a plain attribute
-        rng.bit_generator = type(rng.bit_generator)(seq)
-
-
 class Group:
     """A process on its own: rank 0 of 1, every collective is the identity."""
     rank, size = 0, 1
@@ -104,10 +91,6 @@ class Group:
     def any(self, flag):
         """True on every rank when `flag` is true on any."""
         return flag
-
-    def gather(self, obj):
-        """[obj of rank 0, obj of rank 1, ...] on rank 0 (None on the others)."""
-        return [obj]
 
     def check_same(self, facts, what, hint=""):
         """Raise NpgptError naming each entry of the dict `facts` that differs between ranks."""
@@ -154,9 +137,6 @@ class MPIGroup(Group):
 
     def any(self, flag):
         return bool(self.comm.allreduce(int(bool(flag)), op=self.MPI.MAX))
-
-    def gather(self, obj):
-        return self.comm.gather(obj, root=0)
 
     def check_same(self, facts, what, hint=""):
         everyone = self.comm.allgather(facts)

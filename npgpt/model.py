@@ -13,7 +13,7 @@ import numpy as np
 
 from . import ops
 from .sampling import check_sampling_args, sample_next
-from .backend import array_module, get_xp, resolve_device, to_numpy
+from .backend import RandomStream, array_module, get_xp, resolve_device, to_numpy
 from .layers import Block, Dropout, Embedding, LayerNorm, TiedHead
 from .params import FlatDict, gpt2_param_shapes, init_gpt2
 
@@ -77,8 +77,8 @@ class GPT:
             flat = xp.zeros(sum(math.prod(shape) for _, shape in shapes), dtype=self.dtype)
         self.params = FlatDict(flat, shapes)
         self.grads = FlatDict(xp.zeros_like(flat), shapes)
-        # the model's own generator for dropout masks (reproducible per device)
-        self.rng = xp.random.default_rng(int(dropout_seed.generate_state(1)[0]))
+        # the model's own dropout randomness: a JSON state, the same on either device
+        self.rng = RandomStream(xp, dropout_seed.generate_state(2).tolist())
         p, g = self.params, self.grads
         self.embedding = Embedding(p, g)
         self.drop = Dropout(config.dropout, self.rng)
@@ -97,28 +97,49 @@ class GPT:
         return int(self.params.flat.size)
 
     # ------------------------------------------------------------------ forward
-    def _check_idx(self, idx, name="idx"):
+    def _check_idx(self, ids, name="idx", ignore_index=None):
+        """ids as an integer (B,T) array on the model's device.
+
+        Ids given on the host (a list or a NumPy array) are range-checked before they move;
+        ids already on the GPU are not: reading them back would make the host wait for the
+        device, which a training step must never do."""
         xp = self.xp
-        if not isinstance(idx, xp.ndarray):
-            idx = xp.asarray(idx)
-        if idx.ndim != 2:
-            raise ValueError(f"{name} must have shape (B, T), got shape {tuple(idx.shape)}")
-        if idx.dtype.kind not in "iu":
-            raise ValueError(f"{name} must hold integer token ids, got dtype {idx.dtype}")
-        return idx
+        on_device = xp is not np and isinstance(ids, xp.ndarray)
+        if not on_device:
+            ids = np.asarray(ids)
+        if ids.ndim != 2:
+            raise ValueError(f"{name} must have shape (B, T), got shape {tuple(ids.shape)}")
+        if ids.dtype.kind not in "iu":
+            raise ValueError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+        if not on_device and ids.size:
+            V, low = self.config.vocab_size, 0 if ignore_index is None else ignore_index
+            if int(ids.min()) < low or int(ids.max()) >= V:
+                allowed = f"[0, {V})" + ("" if ignore_index is None else f" or {ignore_index}")
+                raise ValueError(f"token ids must lie in {allowed}, got {name} ids in "
+                                 f"[{int(ids.min())}, {int(ids.max())}]")
+            if ignore_index is not None and not (ids != ignore_index).any():
+                raise ValueError(f"every target is ignore_index ({ignore_index}): there is "
+                                 "nothing to learn from")
+        return xp.asarray(ids)
 
     def forward(self, idx, targets=None, train=False):
-        """logits (B,T,V) and the mean cross-entropy loss (a Python float, or None)."""
+        """logits (B,T,V) and the mean cross-entropy loss over targets != -1, or None.
+
+        As in PyTorch the loss stays on the model's device (a 0-d array or NumPy scalar):
+        float(loss) reads it, which on a GPU waits for the device to finish."""
         idx = self._check_idx(idx)
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size "
                              f"{self.config.block_size}; crop the input to the last "
                              f"{self.config.block_size} tokens")
-        V = self.config.vocab_size
-        if T and (int(idx.min()) < 0 or int(idx.max()) >= V):
-            raise ValueError(f"token ids must lie in [0, {V}), got ids in "
-                             f"[{int(idx.min())}, {int(idx.max())}]")
+        if targets is not None:
+            targets = self._check_idx(targets, "targets", ignore_index=-1)
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape "
+                                 f"{tuple(idx.shape)}")
+        if train:
+            self.rng.next_pass()  # this pass's dropout masks (see backend.RandomStream)
         x = self.drop.forward(self.embedding.forward(idx), train)  # (B,T,C)
         for block in self.blocks:
             x = block.forward(x, train)
@@ -126,14 +147,8 @@ class GPT:
         self._loss_cache = None
         if targets is None:
             return logits, None
-        targets = self._check_idx(targets, "targets")
-        if targets.shape != idx.shape:
-            raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape "
-                             f"{tuple(idx.shape)}")
-        if not bool((targets != -1).any()):
-            raise ValueError("every target is ignore_index (-1): there is nothing to learn from")
         loss, self._loss_cache = ops.cross_entropy_forward(logits, targets, ws=self._loss_ws)
-        return logits, float(loss)
+        return logits, loss
 
     # ----------------------------------------------------------------- backward
     def zero_grad(self):

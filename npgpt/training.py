@@ -8,7 +8,7 @@
 
 A checkpoint is written at every eval and at the end (and on Ctrl-C). It holds all
 state a run depends on (parameters, AdamW moments and step, the iteration, the batch
-and dropout generators), so a resumed run continues bit-identically.
+and dropout streams), so a resumed run continues bit-identically on the same device.
 
 Under mpiexec the same loop runs data-parallel on every rank (comm, see distributed.py):
 each rank takes its slice of the global batch, the gradients are averaged by one
@@ -25,9 +25,9 @@ from dataclasses import asdict
 import numpy as np
 
 from . import data as datasets
-from .backend import auto_device_note, rng_state, set_rng_state
+from .backend import auto_device_note
 from .checkpoint import load, save
-from .distributed import Group, param_checksum, reseed
+from .distributed import Group, param_checksum
 from .errors import NpgptError
 from .model import GPT, GPTConfig
 from .optim import AdamW, clip_grad_norm
@@ -153,8 +153,12 @@ class Trainer:
         self.opt.load_state(extra["optim_t"], {"*": extra["optim.m"]}, {"*": extra["optim.v"]})
         self.iter, self.best_val_loss = extra["iter"], extra["best_val_loss"]
         self.elapsed = extra["elapsed_s"]
-        set_rng_state(self.batch_rng, extra["batch_rng"])
-        set_rng_state(self.model.rng, extra["dropout_rng"])
+        self.batch_rng.bit_generator.state = extra["batch_rng"]
+        if "key" in (extra["dropout_rng"] or {}):
+            self.model.rng.set_state(extra["dropout_rng"])
+        else:  # written before the portable dropout stream (a NumPy generator's state)
+            self.out("this checkpoint predates npgpt's portable dropout stream, so the dropout "
+                     "masks differ from an uninterrupted run from here on")
         saved_ranks = extra.get("world_size", 1)
         if saved_ranks != self.comm.size:
             self.out(f"the checkpoint was written by {saved_ranks} process(es), this run has "
@@ -162,16 +166,12 @@ class Trainer:
                      "differ from here on; parameters and optimizer state continue")
 
     def _join_ranks(self, extra):
-        """Give each rank its dropout stream (saved, or seeded by rank: rank 0 keeps the
-        model's), then stop unless every rank has the same config, data, tokenizer,
-        iteration and parameters."""
+        """Give each rank its own dropout stream (rank 0 keeps the model's, so one rank is
+        exactly one process), then stop unless every rank has the same config, data,
+        tokenizer, iteration and parameters."""
         comm, cfg = self.comm, self.cfg
-        saved = extra.get("dropout_rngs") or []
-        state = saved[comm.rank] if len(saved) == comm.size else None  # None: CuPy's, or new N
-        if state is not None:
-            set_rng_state(self.model.rng, state)
-        elif comm.rank > 0:
-            reseed(self.model.rng, [cfg.seed, comm.rank, self.iter])
+        if comm.rank > 0:
+            self.model.rng.key.append(comm.rank)
         with open(os.path.join(cfg.out_dir, "data", "tokens.json")) as f:
             data = json.load(f)  # the token cache's fingerprint: corpus and tokenizer sha256
         facts = {f"--{k.replace('_', '-')}": v for k, v in asdict(cfg).items()
@@ -182,17 +182,16 @@ class Trainer:
                         "npgpt version and (with --resume) checkpoint")
 
     def save_checkpoint(self):
-        """Rank 0 writes OUT_DIR/ckpt.npz (every rank takes part: it holds each rank's
-        dropout generator)."""
-        dropout = self.comm.gather(rng_state(self.model.rng))
+        """Rank 0 writes OUT_DIR/ckpt.npz. Its dropout stream's state also gives the other
+        ranks' (their keys add the rank; every rank has made as many passes)."""
         if self.comm.rank != 0:
             return
         opt = self.opt.state()  # the moments of model.params' one flat buffer, key "*"
         save(self.ckpt_path, self.model,
              **{"optim.m": opt["m"]["*"], "optim.v": opt["v"]["*"]},
              optim_t=opt["t"], iter=self.iter, best_val_loss=self.best_val_loss,
-             elapsed_s=self.elapsed, batch_rng=rng_state(self.batch_rng),
-             dropout_rng=dropout[0], dropout_rngs=dropout, world_size=self.comm.size,
+             elapsed_s=self.elapsed, batch_rng=self.batch_rng.bit_generator.state,
+             dropout_rng=self.model.rng.state(), world_size=self.comm.size,
              train_config=asdict(self.cfg), tokenizer=self.tokenizer.to_json())
 
     # ------------------------------------------------------------- one step
@@ -201,22 +200,17 @@ class Trainer:
         B, rank = self.cfg.batch_size, self.comm.rank
         x, y = self.data.get_batch(split, B * self.comm.size, self.cfg.block_size, rng,
                                    part=slice(rank * B, (rank + 1) * B))
-        xp = self.model.xp
-        return xp.asarray(x), xp.asarray(y)
+        return x, y  # host arrays: forward checks the ids, then moves them to the device
 
     def train_step(self):
-        """One optimizer step over grad_accum micro-batches; returns the mean loss."""
+        """One optimizer step over grad_accum micro-batches; returns this rank's mean loss
+        (still on the device: nothing in a step waits for the GPU) and the learning rate."""
         cfg, model = self.cfg, self.model
         lr = get_lr(self.iter, cfg)
         losses = []
         for micro in range(cfg.grad_accum):
             x, y = self.batch("train", self.batch_rng)
             _, loss = model.forward(x, y, train=True)
-            if not math.isfinite(loss):
-                raise NpgptError(
-                    f"the loss became {loss} at iteration {self.iter}; stopping. The last good "
-                    f"checkpoint ({self.ckpt_path}) is kept. Try a lower --lr, a --grad-clip, "
-                    "or --dtype float64")
             losses.append(loss)
             model.backward(accumulate=micro > 0)
         if cfg.grad_accum > 1:
@@ -226,7 +220,19 @@ class Trainer:
             clip_grad_norm(model.grads, cfg.grad_clip)
         self.opt.step(model.grads, lr=lr)
         self.iter += 1
-        return self.comm.mean(sum(losses) / len(losses)), lr
+        return sum(losses) / len(losses), lr
+
+    def read_loss(self, loss, what="the loss"):
+        """A device loss as the float mean over the ranks: the host waits for the device
+        here, so the loop reads the loss only when it logs. A NaN or infinite loss stops
+        the run before anything else is saved (every rank reads at the same iterations)."""
+        value = self.comm.mean(float(loss))
+        if not math.isfinite(value):
+            raise NpgptError(
+                f"{what} became {value} by iteration {self.iter}; stopping. The last good "
+                f"checkpoint ({self.ckpt_path}) is kept. Try a lower --lr, a --grad-clip, "
+                "or --dtype float64")
+        return value
 
     def evaluate(self):
         """Mean loss over eval_iters batches of each split; the same batches every eval."""
@@ -235,7 +241,7 @@ class Trainer:
         for split in ("train", "val"):
             losses = [self.model.forward(*self.batch(split, rng))[1]
                       for _ in range(self.cfg.eval_iters)]
-            result[split] = self.comm.mean(sum(losses) / len(losses))
+            result[split] = self.read_loss(sum(losses) / len(losses), f"the {split} loss")
         return result
 
     # ------------------------------------------------------------------ loop
@@ -276,12 +282,15 @@ class Trainer:
             self.out(note)
         bar = tqdm(total=cfg.max_iters, initial=self.iter, disable=not self.progress,
                    dynamic_ncols=True, desc="train")
-        losses = {}
+        losses, loss = {}, None
+        window_s, window_steps = 0.0, 0  # step time since the last step record
         previous = _install_sigint(self)
         try:
             while True:
                 if self.comm.any(self.stop_requested):  # Ctrl-C on any rank stops them all
                     self.stop_requested = True
+                    if loss is not None:
+                        self.read_loss(loss)  # never save parameters that went NaN
                     self.save_checkpoint()
                     self.out(f"\ninterrupted at iteration {self.iter}; checkpoint saved to "
                              f"{self.ckpt_path} (continue with --resume)")
@@ -295,16 +304,23 @@ class Trainer:
                 if done:
                     break
                 t0 = time.perf_counter()
-                loss, lr = self.train_step()
+                loss, lr = self.train_step()  # on a GPU: queued, not yet computed
+                logging = self.iter % cfg.log_interval == 0
+                if logging:  # the host waits for the device only here
+                    loss = self.read_loss(loss)
                 dt = time.perf_counter() - t0
                 self.elapsed += dt
+                window_s, window_steps = window_s + dt, window_steps + 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ms=f"{1000 * dt:.0f}",
-                                tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
-                if self.iter % cfg.log_interval == 0 and self.comm.rank == 0:
+                if not logging:
+                    continue
+                step_s, window_s, window_steps = window_s / window_steps, 0.0, 0
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ms=f"{1000 * step_s:.0f}",
+                                tok_s=f"{tokens_per_step / step_s:,.0f}", refresh=False)
+                if self.comm.rank == 0:
                     record = {"iter": self.iter - 1, "loss": loss, "lr": lr,
-                              "ms_per_iter": round(1000 * dt, 2),
-                              "tokens_per_s": round(tokens_per_step / dt, 1),
+                              "ms_per_iter": round(1000 * step_s, 2),
+                              "tokens_per_s": round(tokens_per_step / step_s, 1),
                               "elapsed_s": round(self.elapsed, 3)}
                     if n > 1:
                         record["allreduce_ms"] = round(1000 * self.comm.allreduce_s, 2)
