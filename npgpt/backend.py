@@ -73,8 +73,13 @@ def device_of(array):
 
 
 def to_numpy(array):
-    """A NumPy copy (or the array itself) of a NumPy or CuPy array."""
-    return array if isinstance(array, np.ndarray) else _cupy.asnumpy(array)
+    """A NumPy array of a CuPy array (a copy), or of anything np.asarray takes."""
+    if _cupy is not None and isinstance(array, _cupy.ndarray):
+        return _cupy.asnumpy(array)
+    return np.asarray(array)
+
+
+CUPY_RNG_STATES = 1 << 16  # parallel Philox streams in a CuPy generator (4 MB of state)
 
 
 class RandomStream:
@@ -101,9 +106,10 @@ class RandomStream:
             seed = np.random.SeedSequence(self.key + [self.calls])
             if self.xp is np:
                 self._gen = np.random.Generator(np.random.Philox(seed))
-            else:  # CuPy's bit generators take an integer seed
+            else:  # a fixed number of Philox states, so the bits do not depend on the
+                # GPU's SM count (CuPy reduces the seed to 32 bits)
                 self._gen = self.xp.random.Generator(
-                    self.xp.random.Philox4x3210(int(seed.generate_state(1, np.uint64)[0])))
+                    self.xp.random.Philox4x3210(seed, size=CUPY_RNG_STATES))
         return self._gen.random(shape, dtype=dtype)
 
     def state(self):

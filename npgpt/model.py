@@ -102,11 +102,12 @@ class GPT:
 
         Ids given on the host (a list or a NumPy array) are range-checked before they move;
         ids already on the GPU are not: reading them back would make the host wait for the
-        device, which a training step must never do."""
+        device, which a training step must never do (and CuPy's gathers wrap an id out of
+        range instead of raising)."""
         xp = self.xp
         on_device = xp is not np and isinstance(ids, xp.ndarray)
         if not on_device:
-            ids = np.asarray(ids)
+            ids = to_numpy(ids)  # a list, a NumPy array, or CuPy's for a CPU model
         if ids.ndim != 2:
             raise ValueError(f"{name} must have shape (B, T), got shape {tuple(ids.shape)}")
         if ids.dtype.kind not in "iu":

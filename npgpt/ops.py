@@ -18,6 +18,8 @@ previous step's memory; without one every result is a new array (same arithmetic
 import functools
 import math
 
+import numpy as np
+
 from .backend import get_xp
 
 
@@ -46,17 +48,27 @@ FRESH = Workspace(reuse=False)
 
 
 @functools.lru_cache(maxsize=32)
-def _ones(n, dtype, xp):
-    return xp.ones(n, dtype=dtype)
+def _ones(n, dtype):
+    return np.ones(n, dtype=dtype)
 
 
 def _row_sums(a, ws, name):
-    """(..., 1) row sums of `a` as one matrix-vector product a @ ones (BLAS beats NumPy's
-    reductions over short rows several times)."""
+    """(..., 1) row sums of `a`. On the CPU one matrix-vector product a @ ones (BLAS beats
+    NumPy's reductions over short rows several times); on a GPU a reduction kernel (with
+    TF32 on, a matrix product would round every term to 10 bits)."""
     xp = get_xp(a)
     out = ws(name, a.shape[:-1] + (1,), a)
-    xp.matmul(a.reshape(-1, a.shape[-1]), _ones(a.shape[-1], a.dtype, xp), out=out.reshape(-1))
+    if xp is not np:
+        return a.sum(axis=-1, keepdims=True, out=out)
+    np.matmul(a.reshape(-1, a.shape[-1]), _ones(a.shape[-1], a.dtype), out=out.reshape(-1))
     return out
+
+
+def _column_sums(a2):
+    """(C,) column sums of a2 (N, C): ones @ a2 by BLAS on the CPU, as _row_sums."""
+    if get_xp(a2) is not np:
+        return a2.sum(axis=0)
+    return np.matmul(_ones(a2.shape[0], a2.dtype), a2)
 
 
 # ----------------------------------------------------------------------------
@@ -117,7 +129,7 @@ def linear_backward(dout, cache, ws=FRESH):
     x2 = x.reshape(-1, x.shape[-1])           # (N, Cin)
     dx = xp.matmul(dout2, w.T, out=ws("dx", x2.shape, dout)).reshape(x.shape)  # (..., Cin)
     dw = xp.matmul(x2.T, dout2, out=ws("dw", w.shape, dout))
-    db = xp.matmul(_ones(dout2.shape[0], dout.dtype, xp), dout2)  # column sums, by BLAS
+    db = _column_sums(dout2)
     return dx, dw, db
 
 
@@ -176,10 +188,9 @@ def layernorm_backward(dout, cache, ws=FRESH):
     """
     xhat, rstd, w = cache
     xp, C = get_xp(dout), xhat.shape[-1]
-    ones = _ones(dout.size // C, dout.dtype, xp)
     tmp = ws("tmp", xhat.shape, dout)
-    db = xp.matmul(ones, dout.reshape(-1, C))                 # column sums, by BLAS
-    dw = xp.matmul(ones, xp.multiply(dout, xhat, out=tmp).reshape(-1, C))
+    db = _column_sums(dout.reshape(-1, C))
+    dw = _column_sums(xp.multiply(dout, xhat, out=tmp).reshape(-1, C))
     dx = xp.multiply(dout, w, out=ws("dx", xhat.shape, dout))  # dxhat
     proj = _row_sums(xp.multiply(dx, xhat, out=tmp), ws, "proj")
     dx -= _row_sums(dx, ws, "dmean") * (1.0 / C)

@@ -51,8 +51,9 @@ for _name in ("__float__", "__int__", "__index__", "__bool__", "__complex__", "_
 class FakeCuPy:
     """NumPy, except that the arrays it creates are DeviceArrays."""
     ndarray = DeviceArray
-    random = types.SimpleNamespace(Generator=np.random.Generator,
-                                   Philox4x3210=np.random.Philox)
+    random = types.SimpleNamespace(  # CuPy 14's signatures: Philox4x3210(seed, *, size)
+        Generator=np.random.Generator,
+        Philox4x3210=lambda seed=None, *, size=-1: np.random.Philox(seed))
 
     def __getattr__(self, name):
         attr = getattr(np, name)
@@ -71,8 +72,8 @@ def no_host_reads():
         DeviceArray.armed = False
 
 
-@pytest.fixture
-def fake_gpu(monkeypatch):
+def install_fake_gpu(monkeypatch):
+    """From here on, new models live on the stand-in device."""
     fake = FakeCuPy()
 
     def get_xp(*arrays):
@@ -84,11 +85,20 @@ def fake_gpu(monkeypatch):
     return fake
 
 
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    return install_fake_gpu(monkeypatch)
+
+
+def make_trainer(tmp_path, corpus, **kw):
+    cfg = TrainConfig(**{**PRESETS["tiny"], "data": str(corpus), "out_dir": str(tmp_path),
+                         "grad_clip": 1.0, **kw})
+    return Trainer(cfg, progress=False, out=lambda *_: None)
+
+
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_a_training_step_never_reads_the_device(fake_gpu, tmp_path, corpus, grad_accum):
-    cfg = TrainConfig(**{**PRESETS["tiny"], "data": str(corpus), "out_dir": str(tmp_path),
-                         "dropout": 0.1, "grad_clip": 1.0, "grad_accum": grad_accum})
-    trainer = Trainer(cfg, progress=False, out=lambda *_: None)
+    trainer = make_trainer(tmp_path, corpus, dropout=0.1, grad_accum=grad_accum)
     model = trainer.model
     assert type(model.params.flat) is DeviceArray and type(trainer.opt.m["*"]) is DeviceArray
     before = model.params.flat.view(np.ndarray).copy()
@@ -116,3 +126,16 @@ def test_the_guard_catches_reads_hidden_in_code(fake_gpu):
         with pytest.raises(HostRead):
             if x.max() > 1:  # the classic hidden sync: a device comparison in an if
                 pass
+
+
+def test_the_gpu_branches_compute_what_the_cpu_ones_do(monkeypatch, tmp_path, corpus):
+    # where ops take another path on a GPU (row and column sums as reductions, not BLAS
+    # products with a ones vector), the stand-in device runs it with NumPy's arithmetic
+    cpu = make_trainer(tmp_path / "cpu", corpus)
+    install_fake_gpu(monkeypatch)
+    gpu = make_trainer(tmp_path / "gpu", corpus)
+    assert type(gpu.model.params.flat) is DeviceArray
+    for _ in range(3):
+        cpu.train_step(), gpu.train_step()
+    np.testing.assert_allclose(gpu.model.params.flat.view(np.ndarray), cpu.model.params.flat,
+                               rtol=0, atol=1e-5)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from npgpt import load
+from npgpt import load, save
 from npgpt.errors import NpgptError
 from npgpt.trainconfig import PRESETS, TrainConfig
 from npgpt.training import Trainer, get_lr
@@ -112,6 +112,20 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, corpus, graceful):
              for r in log_a]
     assert strip == [{k: v for k, v in r.items()
                       if k not in ("elapsed_s", "ms_per_iter", "tokens_per_s")} for r in log_b]
+
+
+def test_resuming_a_checkpoint_from_before_the_portable_dropout_stream(tmp_path, corpus):
+    cfg = tiny(tmp_path, corpus, dropout=0.1, max_iters=5)
+    Trainer(cfg, progress=False, out=lambda *_: None).run()
+    path = tmp_path / "out" / "ckpt.npz"
+    model, extra = load(path)
+    extra["dropout_rng"] = np.random.default_rng(0).bit_generator.state  # the old format
+    save(path, model, **extra)
+    said = []
+    t = Trainer(tiny(tmp_path, corpus, dropout=0.1, max_iters=8), resume=True,
+                overrides={"max_iters": 8}, progress=False, out=said.append)
+    assert any("predates npgpt's portable dropout stream" in line for line in said)
+    assert t.run()["iter"] == 8
 
 
 def test_extending_a_finished_run(tmp_path, corpus):
