@@ -43,6 +43,14 @@ def machine_info():
     if "torch" in sys.modules:
         torch = sys.modules["torch"]
         lines.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+        if torch.cuda.is_available():
+            lines.append(f"torch CUDA {torch.version.cuda}: {torch.cuda.get_device_name()}")
+    cupy = sys.modules.get("cupy")
+    if cupy is not None and cupy.is_available():
+        name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"]
+        lines.append(f"cupy {cupy.__version__}, CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}"
+                     f": {name.decode() if isinstance(name, bytes) else name}; CUPY_TF32="
+                     f"{os.environ.get('CUPY_TF32', '(unset)')}")
     return lines
 
 

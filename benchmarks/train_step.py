@@ -18,6 +18,12 @@ is the peak minus the RSS after imports).
     python benchmarks/train_step.py --config gpt2-ft     # GPT-2 124M fine-tuning step, B 1, T 256
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/train_step.py
         # lets OpenBLAS pick its kernels for this CPU (check the "BLAS:" line)
+    python benchmarks/train_step.py --device gpu --config lecture   # CuPy against CUDA
+    python benchmarks/train_step.py --device gpu --tf32             # both with TF32 products
+
+With --device gpu npgpt runs on CuPy and PyTorch on CUDA, float32; each timed step ends
+by reading its loss (float(loss) / loss.item()), which waits for the device, so a step's
+time is its whole device time. Memory is measured on the CPU only.
 """
 import argparse
 import json
@@ -30,6 +36,7 @@ import common
 from common import np
 
 from npgpt import GPT, AdamW, GPTConfig
+from npgpt.errors import NpgptError
 
 CONFIGS = {  # name: (GPTConfig, batch size)
     "tiny": (GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=64), 8),
@@ -40,6 +47,7 @@ CONFIGS = {  # name: (GPTConfig, batch size)
 }
 STEPS = {"tiny": 30, "small": 12, "lecture": 1, "gpt2-ft": 3}   # timed steps per framework
 WARMUP = {"tiny": 5, "small": 3, "lecture": 1, "gpt2-ft": 1}
+GPU_STEPS, GPU_WARMUP = 50, 5  # every config (the first CuPy steps compile its kernels)
 BY_NAME_ONLY = ("gpt2-ft",)
 HP = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
@@ -51,18 +59,18 @@ def batches(cfg, B, n, seed=0):
         yield np.ascontiguousarray(data[:, :-1]), np.ascontiguousarray(data[:, 1:])
 
 
-def make_npgpt(cfg):
-    model = GPT(cfg, seed=0)
+def make_npgpt(cfg, device="cpu"):
+    model = GPT(cfg, seed=0, device=device)
     opt = AdamW(model.params, **HP)
 
     def step(x, y):
         _, loss = model.forward(x, y, train=True)
         opt.step(model.backward())
-        return loss
+        return float(loss)  # waits for the device, as PyTorch's loss.item()
     return model, opt, step
 
 
-def make_torch(model, manual):
+def make_torch(model, manual, device="cpu"):
     """A step function for TorchGPT built from an npgpt GPT's weights (or a GPTConfig)."""
     import torch
     from torch_gpt import TorchGPT
@@ -70,32 +78,34 @@ def make_torch(model, manual):
         tm = TorchGPT(model, manual_attention=manual)
     else:
         tm = TorchGPT.from_npgpt(model, manual_attention=manual)
+    dev = "cuda" if device == "gpu" else "cpu"
+    tm = tm.to(dev)
     opt = tm.adamw(**HP)
 
     def step(x, y):
         opt.zero_grad(set_to_none=True)
-        loss = tm(torch.from_numpy(x), torch.from_numpy(y))
+        loss = tm(torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev))
         loss.backward()
         opt.step()
         return loss.item()
     return step
 
 
-def time_config(name, steps, threads):
+def time_config(name, steps, threads, device="cpu"):
     import torch  # noqa: F401  (imported before set_threads so it gets the same count)
     cfg, B = CONFIGS[name]
     limiter = common.set_threads(threads)  # noqa: F841
-    model, _, np_step = make_npgpt(cfg)
-    runners = {"npgpt": np_step, "torch sdpa": make_torch(model, False),
-               "torch manual": make_torch(model, True)}
+    model, _, np_step = make_npgpt(cfg, device)
+    runners = {"npgpt": np_step, "torch sdpa": make_torch(model, False, device),
+               "torch manual": make_torch(model, True, device)}
     names = list(runners)
     times = {n: [] for n in names}
     first_loss = {}
-    warmup = WARMUP[name]
+    warmup = WARMUP[name] if device == "cpu" else GPU_WARMUP
     for i, (x, y) in enumerate(batches(cfg, B, warmup + steps)):
         order = names[i % 3:] + names[:i % 3]  # rotate who goes first
         for n in order:
-            if name in ("tiny", "small"):  # (a longer step needs no such care)
+            if device == "cpu" and name in ("tiny", "small"):  # (a longer step needs no such care)
                 time.sleep(0.1)         # the other library's idle threads stop spinning,
                 runners[n](x, y)        # and an untimed step wakes this one's threads
             t = time.perf_counter()
@@ -132,13 +142,14 @@ def measure_memory(name, framework, threads):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def report(name, steps, threads, memory):
+def report(name, steps, threads, memory, device="cpu"):
     load = os.getloadavg()[0]
-    cfg, B, times, first_loss = time_config(name, steps, threads)
+    cfg, B, times, first_loss = time_config(name, steps, threads, device)
     tokens = B * cfg.block_size
-    print(f"\n== {name}: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} dims, "
-          f"context {cfg.block_size}, batch {B}, vocab {cfg.vocab_size}; "
-          f"{len(times['npgpt'])} timed steps each after {WARMUP[name]} warm-up; "
+    print(f"\n== {name} on the {device.upper()}: {cfg.n_layer} layers, {cfg.n_head} heads, "
+          f"{cfg.n_embd} dims, context {cfg.block_size}, batch {B}, vocab {cfg.vocab_size}; "
+          f"{len(times['npgpt'])} timed steps each after "
+          f"{WARMUP[name] if device == 'cpu' else GPU_WARMUP} warm-up; "
           f"load average {load:.2f} before, {os.getloadavg()[0]:.2f} after")
     print("   loss on the first batch (same weights, same updates): "
           + ", ".join(f"{n} {v:.6f}" for n, v in first_loss.items()))
@@ -247,11 +258,29 @@ def main():
     p.add_argument("--no-memory", action="store_true",
                    help="skip the peak-memory children (lecture: only with --config lecture)")
     p.add_argument("--profile", action="store_true", help="npgpt per-layer profile instead")
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                   help="gpu: npgpt on CuPy against PyTorch on CUDA (step times only)")
+    p.add_argument("--tf32", action="store_true",
+                   help="with --device gpu: TF32 matrix products in both (npgpt --tf32, "
+                        "torch.backends.cuda.matmul.allow_tf32)")
     p.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
         return memory_child(*args.memory_child)
     import torch  # noqa: F401
+    if args.device == "gpu":
+        from npgpt.backend import enable_tf32, resolve_device
+        try:
+            resolve_device("gpu")
+            if args.tf32:
+                enable_tf32()
+        except NpgptError as e:
+            sys.exit(f"train_step.py: {e}")
+        if not torch.cuda.is_available():
+            sys.exit("train_step.py: PyTorch sees no CUDA device (install a CUDA build of torch)")
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    elif args.tf32:
+        sys.exit("train_step.py: --tf32 applies to --device gpu only")
     limiter = common.set_threads(args.threads)  # noqa: F841
     print("\n".join(common.machine_info()))
     names = [n for n in CONFIGS if n not in BY_NAME_ONLY] if args.config == "all" else [args.config]
@@ -261,8 +290,10 @@ def main():
         return
     for name in names:
         # a lecture step takes seconds: its memory children only when asked for by name
-        memory = not args.no_memory and (name in ("tiny", "small") or args.config == name)
-        report(name, args.steps or STEPS[name], args.threads, memory)
+        memory = (args.device == "cpu" and not args.no_memory
+                  and (name in ("tiny", "small") or args.config == name))
+        steps = args.steps or (STEPS[name] if args.device == "cpu" else GPU_STEPS)
+        report(name, steps, args.threads, memory, args.device)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ class TrainConfig:
     seed: int = 1337                # seeds initialisation, batches and dropout
     device: str = "cpu"             # 'cpu', 'gpu' (CuPy) or 'auto' (GPU when CuPy sees one)
     dtype: str = "float32"          # 'float32' or 'float64'
+    tf32: bool = False              # GPU only: TF32 matrix products (faster; inputs rounded to 10 mantissa bits)
 
     def validate(self):
         """Raise NpgptError naming the first impossible setting."""
@@ -67,6 +68,9 @@ class TrainConfig:
             (self.weight_decay >= 0 and self.grad_clip >= 0, "--weight-decay and --grad-clip must be >= 0"),
             (self.dtype in ("float32", "float64"), f"--dtype must be float32 or float64, got {self.dtype!r}"),
             (self.device in ("cpu", "gpu", "auto"), f"--device must be cpu, gpu or auto, got {self.device!r}"),
+            (not self.tf32 or (self.device != "cpu" and self.dtype == "float32"),
+             "--tf32 applies to float32 matrix products on a GPU: use it with --device gpu "
+             "(or auto) and --dtype float32"),
         ]
         for ok, message in checks:
             if not ok:
@@ -111,9 +115,13 @@ def build_parser():
                         help="continue from OUT_DIR/ckpt.npz with its settings")
     comments = _field_comments()
     for f in fields(TrainConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=f.type,
-                            default=None, metavar=f.name.upper(),
-                            help=f"{comments.get(f.name, '')} (small: {f.default})")
+        flag, help_text = "--" + f.name.replace("_", "-"), comments.get(f.name, "")
+        if f.type is bool:  # a switch: given means True
+            parser.add_argument(flag, action="store_const", const=True, default=None,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, type=f.type, default=None, metavar=f.name.upper(),
+                                help=f"{help_text} (small: {f.default})")
     return parser
 
 

@@ -27,7 +27,7 @@ from dataclasses import asdict
 import numpy as np
 
 from . import data as datasets
-from .backend import auto_device_note
+from .backend import auto_device_note, enable_tf32
 from .checkpoint import load, save
 from .distributed import Group, param_checksum
 from .errors import NpgptError
@@ -91,6 +91,8 @@ class Trainer:
                              "or start a new one in another --out-dir (or delete it first)")
         cfg.validate()
         self.cfg = cfg
+        if cfg.tf32:
+            enable_tf32()  # before the first matrix product
         self.log = TrainLog(cfg.out_dir)
         corpus = datasets.resolve_corpus(cfg.data)
         if resume:

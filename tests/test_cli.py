@@ -67,6 +67,7 @@ def test_help_explains_the_schedule_when_extending(tmp_path):
     (["--n-embd", "30", "--n-head", "4"], ["divisible"]),
     (["--resume"], ["no such file"]),
     (["--device", "gpu"], ["gpu"]),
+    (["--tf32"], ["--tf32", "--device gpu"]),
 ])
 def test_train_bad_inputs(tmp_path, corpus, args, words):
     full = [*TINY, "--data", str(corpus), *args] if "--data" not in args else [*TINY, *args]

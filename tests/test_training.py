@@ -1,6 +1,7 @@
 """The training loop: schedule, gradient accumulation, resume, NaN stop, Ctrl-C."""
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -170,6 +171,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus, log
     (dict(tokenizer="bpe", vocab_size=100), "256"),
     (dict(block_size=100000), "too short"),
     (dict(dtype="float16"), "dtype"),
+    (dict(tf32=True), "--tf32"),                          # on the CPU
+    (dict(tf32=True, device="auto", dtype="float64"), "--tf32"),
 ])
 def test_impossible_settings_are_refused(tmp_path, corpus, kw, match):
     with pytest.raises(NpgptError, match=match):
@@ -193,3 +196,18 @@ def test_a_new_run_starts_a_new_log(tmp_path, corpus):
             out=lambda *_: None).run()
     records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert records[0]["iter"] == 0 and all(r["iter"] != 99 for r in records)
+
+
+def test_tf32_is_a_switch_that_tells_cupy_before_any_matrix_product(tmp_path, corpus,
+                                                                    monkeypatch):
+    from npgpt.trainconfig import build_parser, config_from_args
+    parser = build_parser()
+    assert config_from_args(parser.parse_args(["--tf32"])).tf32 is True
+    assert config_from_args(parser.parse_args([])).tf32 is False
+    monkeypatch.delenv("CUPY_TF32", raising=False)
+    Trainer(tiny(tmp_path, corpus, device="auto"), progress=False, out=lambda *_: None)
+    assert "CUPY_TF32" not in os.environ
+    # auto: on a GPU CuPy reads the variable at its first float32 product; here, the CPU
+    Trainer(tiny(tmp_path / "b", corpus, device="auto", tf32=True), progress=False,
+            out=lambda *_: None)
+    assert os.environ["CUPY_TF32"] == "1"
