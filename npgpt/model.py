@@ -80,13 +80,14 @@ class GPT:
         # the model's own dropout randomness: a JSON state, the same on either device
         self.rng = RandomStream(xp, dropout_seed.generate_state(2).tolist())
         p, g = self.params, self.grads
-        self.embedding = Embedding(p, g)
+        vocab_ws = ops.Workspace()  # the (V, C) scratch of the embedding and the tied head
+        self.embedding = Embedding(p, g, vocab_ws)
         self.drop = Dropout(config.dropout, self.rng)
         scratch = defaultdict(ops.Workspace)  # shared by every block (see layers.py)
         self.blocks = [Block(p, g, f"transformer.h.{i}", config, self.rng, scratch)
                        for i in range(config.n_layer)]
         self.ln_f = LayerNorm(p, g, "transformer.ln_f")
-        self.head = TiedHead(p, g)
+        self.head = TiedHead(p, g, vocab_ws)
         self._loss_ws, self._loss_cache = ops.Workspace(), None
 
     @property
