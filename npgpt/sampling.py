@@ -5,6 +5,8 @@ tokens whichever device computed the logits.
 """
 import numpy as np
 
+from .backend import to_numpy
+
 
 def check_sampling_args(temperature, top_k, top_p):
     if temperature < 0:
@@ -41,7 +43,7 @@ def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
 
 def sample_next(logits, rng, temperature=1.0, top_k=None, top_p=None):
     """(B,) next token ids for (B,V) logits (NumPy or CuPy); temperature 0 is greedy."""
-    logits = np.asarray(logits.get() if hasattr(logits, "get") else logits)
+    logits = to_numpy(logits)  # the one read from the GPU per token
     if temperature == 0:
         return logits.argmax(axis=-1)
     probs = next_token_probs(logits, temperature, top_k, top_p)
