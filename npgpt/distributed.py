@@ -10,9 +10,10 @@ parameters, so they stay identical without being sent; a checksum compares them 
 start and at every eval. Only rank 0 prints and writes files.
 
 Dropout: rank 0 keeps the model's own dropout stream (one rank is exactly one process)
-and rank r > 0 adds r to its stream's key, so the ranks draw independent masks. The masks therefore differ from a single process with the summed
-batch (which draws one mask for all its rows); with dropout 0 the runs are equal up
-to the summation order of the all-reduce.
+and rank r > 0 adds r to its stream's key, so the ranks draw independent masks. The
+masks therefore differ from a single process with the summed batch (which draws one
+mask for all its rows); with dropout 0 the runs are equal up to the summation order of
+the all-reduce.
 
 GPU ranks (CuPy) run the same code: the ranks on one host take its GPUs in turn, and
 the all-reduce goes through host memory (device -> host, MPI, host -> device); see

@@ -115,10 +115,10 @@ class GPT:
             raise ValueError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
         if not on_device and ids.size:
             V, low = self.config.vocab_size, 0 if ignore_index is None else ignore_index
-            if int(ids.min()) < low or int(ids.max()) >= V:
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < low or hi >= V:
                 allowed = f"[0, {V})" + ("" if ignore_index is None else f" or {ignore_index}")
-                raise ValueError(f"token ids must lie in {allowed}, got {name} ids in "
-                                 f"[{int(ids.min())}, {int(ids.max())}]")
+                raise ValueError(f"token ids must lie in {allowed}, got {name} ids in [{lo}, {hi}]")
             if ignore_index is not None and not (ids != ignore_index).any():
                 raise ValueError(f"every target is ignore_index ({ignore_index}): there is "
                                  "nothing to learn from")

@@ -117,7 +117,7 @@ class Trainer:
         if resume:
             self._restore(extra)
         if comm.size > 1:
-            self._join_ranks(extra or {})
+            self._join_ranks()
         self.stop_requested = False
 
     # ------------------------------------------------------------------ setup
@@ -169,7 +169,7 @@ class Trainer:
                      f"{self.comm.size}: the batch split changed, so batches (and dropout masks) "
                      "differ from here on; parameters and optimizer state continue")
 
-    def _join_ranks(self, extra):
+    def _join_ranks(self):
         """Give each rank its own dropout stream (rank 0 keeps the model's, so one rank is
         exactly one process), then stop unless every rank has the same config, data,
         tokenizer, iteration and parameters."""
