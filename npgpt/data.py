@@ -17,7 +17,7 @@ import numpy as np
 
 from .checkpoint import atomic_write
 from .errors import NpgptError
-from .tokenizers import encode_to_array
+from .tokenizers import encode_to_array, token_dtype
 
 SHAKESPEARE = "tinyshakespeare.txt"
 SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/"
@@ -120,10 +120,12 @@ def read_text(path, max_chars=None):
 
 
 class TokenData:
-    """A corpus encoded once into a token file, split 90/10 into train and val."""
+    """A corpus encoded once into a token file, split 90/10 into train and val.
+    `fingerprint`: the sha256 of the corpus and of the tokenizer, and the token dtype."""
 
-    def __init__(self, path, dtype):
-        self.tokens = np.memmap(path, dtype=dtype, mode="r")  # 1-D uint16/uint32 tokens
+    def __init__(self, path, fingerprint):
+        self.fingerprint = fingerprint
+        self.tokens = np.memmap(path, dtype=fingerprint["dtype"], mode="r")  # 1-D tokens
         n_train = int(TRAIN_FRACTION * len(self.tokens))
         self.splits = {"train": self.tokens[:n_train], "val": self.tokens[n_train:]}
 
@@ -151,18 +153,18 @@ def prepare_tokens(corpus_path, tokenizer, folder):
     is never in memory); reuse the file while corpus and tokenizer are unchanged."""
     os.makedirs(folder, exist_ok=True)
     path, meta_path = os.path.join(folder, "tokens.bin"), os.path.join(folder, "tokens.json")
-    dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
-    fingerprint = {"corpus_sha256": sha256_of(corpus_path), "dtype": dtype,
+    fingerprint = {"corpus_sha256": sha256_of(corpus_path),
+                   "dtype": token_dtype(tokenizer.vocab_size).name,
                    "tokenizer_sha256": hashlib.sha256(tokenizer.to_json().encode()).hexdigest()}
     if os.path.exists(path) and os.path.exists(meta_path):
         with open(meta_path) as f:
             if json.load(f) == fingerprint:
-                return TokenData(path, dtype)
+                return TokenData(path, fingerprint)
 
     def write(f):
         for chunk in iter_text(corpus_path):
-            f.write(encode_to_array(tokenizer, chunk).astype(dtype).tobytes())
+            f.write(encode_to_array(tokenizer, chunk).tobytes())  # token_dtype
 
     atomic_write(path, write)
     atomic_write(meta_path, lambda f: f.write(json.dumps(fingerprint).encode()))
-    return TokenData(path, dtype)
+    return TokenData(path, fingerprint)

@@ -17,7 +17,6 @@ each rank takes its slice of the global batch, the gradients are averaged by one
 all-reduce, and only rank 0 prints and writes the log, the plot and the checkpoints.
 """
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -176,11 +175,9 @@ class Trainer:
         comm, cfg = self.comm, self.cfg
         if comm.rank > 0:
             self.model.rng.key.append(comm.rank)
-        with open(os.path.join(cfg.out_dir, "data", "tokens.json")) as f:
-            data = json.load(f)  # the token cache's fingerprint: corpus and tokenizer sha256
         facts = {f"--{k.replace('_', '-')}": v for k, v in asdict(cfg).items()
                  if k not in ("data", "out_dir")}  # paths may differ between hosts
-        facts.update(data, iteration=self.iter,
+        facts.update(self.data.fingerprint, iteration=self.iter,
                      parameter_checksum=param_checksum(self.model.params.flat))
         comm.check_same(facts, "at start", "Every rank needs the same flags, corpus, "
                         "npgpt version and (with --resume) checkpoint")
