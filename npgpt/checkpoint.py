@@ -71,6 +71,10 @@ def read_npz(path):
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file; train a model first (python train.py) "
                               "or pass the path of an existing checkpoint")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a folder; pass an npgpt checkpoint file such as "
+                              "out/ckpt.npz (a Hugging Face GPT-2 folder is read by "
+                              "from_pretrained / generate.py --model, and needs no export)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             keys = list(npz.keys())
@@ -81,6 +85,9 @@ def read_npz(path):
     except CheckpointError:
         raise
     except ValueError as e:
+        if not zipfile.is_zipfile(path):  # np.load takes any other file for a pickle
+            raise CheckpointError(f"{path}: not an .npz file (npgpt checkpoints are zip "
+                                  "archives written by npgpt.save or train.py)") from None
         if "pickle" in str(e).lower():
             raise CheckpointError(f"{path}: holds pickled Python objects, which npgpt never "
                                   "loads (they can run arbitrary code); it is not an npgpt "

@@ -15,16 +15,12 @@ import sys
 
 from .checkpoint import load
 from .cli import run_cli
-from .errors import NpgptError
 from .hf import save_pretrained
 from .model import DTYPES
 
 
 def export(checkpoint, folder, dtype=None):
     """Write the npgpt checkpoint `checkpoint` (from npgpt.save / train.py) to `folder`."""
-    if os.path.isdir(checkpoint):
-        raise NpgptError(f"{checkpoint}: is a folder; pass an npgpt checkpoint file such as "
-                         "out/ckpt.npz (a Hugging Face folder needs no export)")
     model, extra = load(checkpoint)
     save_pretrained(model, folder, tokenizer=extra.get("tokenizer"), dtype=dtype)
     return model, extra

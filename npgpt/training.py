@@ -29,13 +29,16 @@ from . import data as datasets
 from .backend import auto_device_note, enable_tf32
 from .checkpoint import load, save
 from .distributed import Group, param_checksum
-from .errors import NpgptError
+from .errors import CheckpointError, NpgptError
 from .model import GPT, GPTConfig
 from .optim import AdamW, clip_grad_norm
 from .tokenizers import build_tokenizer, tokenizer_from_json
 from .trainconfig import MODEL_FIELDS, TrainConfig
 from .trainlog import TrainLog
 
+# what save_checkpoint writes beside the model, and _restore reads back
+RESUME_KEYS = ("train_config", "tokenizer", "optim.m", "optim.v", "optim_t", "iter",
+               "best_val_loss", "elapsed_s", "batch_rng", "dropout_rng")
 BPE_TRAIN_CHARS = 10_000_000  # the bpe tokenizer learns its merges on at most this much text
 
 
@@ -121,7 +124,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _resumed_config(self, extra, overrides):
-        saved = TrainConfig(**extra["train_config"])
+        missing = [key for key in RESUME_KEYS if key not in extra]
+        if missing:
+            raise CheckpointError(f"{self.ckpt_path}: holds no {', '.join(missing)}: it was not "
+                                  "written by train.py, so there is no run to resume; start a "
+                                  "new run in another --out-dir")
+        try:
+            saved = TrainConfig(**extra["train_config"])
+        except TypeError as e:
+            raise CheckpointError(f"{self.ckpt_path}: its train_config does not fit this "
+                                  f"npgpt's settings ({e})") from None
         for name, value in overrides.items():
             if name in MODEL_FIELDS and value != getattr(saved, name):
                 raise NpgptError(f"--{name.replace('_', '-')} {value} differs from the checkpoint's "
@@ -286,6 +298,8 @@ class Trainer:
         losses, loss = {}, None
         window_s, window_steps = 0.0, 0  # step time since the last step record
         previous = _install_sigint(self)
+        # a diverging run's inf/nan would warn from inside the ops; read_loss reports it
+        errstate = np.seterr(over="ignore", invalid="ignore", divide="ignore")
         try:
             while True:
                 if self.comm.any(self.stop_requested):  # Ctrl-C on any rank stops them all
@@ -327,6 +341,7 @@ class Trainer:
                         record["allreduce_ms"] = round(1000 * self.comm.allreduce_s, 2)
                     self.log.write(record)
         finally:
+            np.seterr(**errstate)
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
             bar.close()

@@ -40,8 +40,10 @@ def test_truncated_and_garbage_files(tmp_path):
     with pytest.raises(CheckpointError, match="trunc.npz"):
         load(tmp_path / "trunc.npz")
     (tmp_path / "garbage.npz").write_bytes(b"\x00\x01not a zip at all" * 10)
-    with pytest.raises(CheckpointError, match="garbage.npz"):
+    with pytest.raises(CheckpointError, match="garbage.npz: not an .npz file"):
         load(tmp_path / "garbage.npz")
+    with pytest.raises(CheckpointError, match="is a folder"):
+        load(tmp_path)
     (tmp_path / "empty.npz").write_bytes(b"")
     with pytest.raises(CheckpointError, match="empty.npz"):
         load(tmp_path / "empty.npz")

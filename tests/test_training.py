@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -144,6 +145,19 @@ def test_resume_refuses_a_different_model(tmp_path, corpus):
         Trainer(cfg, resume=True, overrides={"n_layer": 3}, progress=False)
 
 
+def test_resume_refuses_a_checkpoint_train_py_did_not_write(tmp_path, corpus):
+    cfg = tiny(tmp_path, corpus, max_iters=5)
+    Trainer(cfg, progress=False, out=lambda *_: None).run()
+    ckpt = tmp_path / "out" / "ckpt.npz"
+    model, extra = load(ckpt)
+    save(ckpt, model)  # npgpt.save alone: the model, no optimizer state or train config
+    with pytest.raises(NpgptError, match="holds no train_config, tokenizer.*not written by train.py"):
+        Trainer(cfg, resume=True, progress=False)
+    save(ckpt, model, **{**extra, "train_config": {**extra["train_config"], "n_layr": 3}})
+    with pytest.raises(NpgptError, match="train_config does not fit.*n_layr"):
+        Trainer(cfg, resume=True, progress=False)
+
+
 @pytest.mark.parametrize("log_interval", [1, 4, 50])
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus, log_interval):
     # the loss is read only when logged (or at an eval), and always before a save
@@ -163,6 +177,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus, log
         t.run()
     model, extra = load(tmp_path / "out" / "ckpt.npz")
     assert extra["iter"] == 5 and np.all(np.isfinite(model.params.flat))
+
+
+def test_a_diverging_run_stops_with_one_message_and_no_numpy_warnings(tmp_path, corpus):
+    t = Trainer(tiny(tmp_path, corpus, lr=1e12, grad_clip=0.0, max_iters=30),
+                progress=False, out=lambda *_: None)
+    before = np.geterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an overflow warning from the ops would fail here
+        with pytest.raises(NpgptError, match="became nan"):
+            t.run()
+    assert np.geterr() == before  # the loop's error state is restored
 
 
 @pytest.mark.parametrize("kw,match", [
