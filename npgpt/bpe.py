@@ -207,10 +207,11 @@ class ByteLevelBPE:
         """The concatenated bytes of the tokens (ids checked by token_ids)."""
         table = self._token_bytes
         ids = token_ids(ids, len(table)).tolist()
-        missing = [i for i in ids if table[i] is None]
-        if missing:
-            raise NpgptError(f"token id {missing[0]} is not in this tokenizer's vocabulary")
-        return b"".join([table[i] for i in ids])
+        try:
+            return b"".join([table[i] for i in ids])
+        except TypeError:  # a None: an id between the vocabulary's ids that names no token
+            missing = next(i for i in ids if table[i] is None)
+            raise NpgptError(f"token id {missing} is not in this tokenizer's vocabulary") from None
 
     def decode(self, ids):
         """Text of the tokens: bytes joined first, then UTF-8-decoded once (an incomplete

@@ -239,11 +239,10 @@ def from_pretrained(folder, device="cpu", dtype="float32", dropout=None):
         model = GPT(config, dtype=dtype, device=device, init=False)
         try:
             for name, (f, key) in found.items():
-                p = model.params[name]
-                p[...] = model.xp.asarray(f.get_tensor(key), dtype=p.dtype)
-            if lm_head is not None:
-                f, key = found["transformer.wte.weight"]
-                if not np.array_equal(lm_head[0].get_tensor(lm_head[1]), f.get_tensor(key)):
+                p, tensor = model.params[name], f.get_tensor(key)
+                p[...] = model.xp.asarray(tensor, dtype=p.dtype)
+                if name == "transformer.wte.weight" and lm_head is not None and \
+                        not np.array_equal(lm_head[0].get_tensor(lm_head[1]), tensor):
                     raise CheckpointError(f"{folder}: lm_head.weight differs from "
                                           "transformer.wte.weight; npgpt's head is always "
                                           "tied to the token embedding")
@@ -259,8 +258,7 @@ def load_pretrained_tokenizer(folder):
     from . import tokenizers
     own = os.path.join(os.fspath(folder), NPGPT_TOKENIZER_FILE)
     if os.path.isfile(own):
-        with open(own, encoding="utf-8") as f:
-            return tokenizers.tokenizer_from_json(f.read())
+        return tokenizers.tokenizer_from_json(tokenizers._read_text(own))
     return tokenizers.tokenizer_from_pretrained(folder)
 
 

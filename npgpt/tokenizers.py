@@ -79,7 +79,7 @@ class CharTokenizer:
 
     def decode(self, ids):
         codes = self._codes[bpe.token_ids(ids, self.vocab_size)]
-        return codes.astype("<u4").tobytes().decode("utf-32-le", "surrogatepass")
+        return codes.tobytes().decode("utf-32-le", "surrogatepass")  # codes: <u4
 
     def to_json(self):
         return json.dumps({"kind": self.name, "chars": self.chars})

@@ -281,6 +281,9 @@ def test_gpt2_tokenizer_is_written_as_vocab_and_merges(tmp_path):
     hf.save_pretrained(model, tmp_path / "out", tokenizer=build_tokenizer("bpe", "ab" * 50, 260))
     assert not names & set(os.listdir(tmp_path / "out")) - {"config.json", "model.safetensors"}
     assert hf.load_pretrained_tokenizer(tmp_path / "out").name == "bpe"
+    (tmp_path / "out" / hf.NPGPT_TOKENIZER_FILE).write_bytes(b"\xff\xfe{")
+    with pytest.raises(NpgptError, match="npgpt_tokenizer.json: not valid UTF-8"):
+        hf.load_pretrained_tokenizer(tmp_path / "out")
     with pytest.raises(NpgptError, match="260 tokens but the model only 19"):
         hf.save_pretrained(GPT(CFG), tmp_path / "small", tokenizer=tok)
 

@@ -256,6 +256,14 @@ def test_gpt2_hand_made_vocabulary(tmp_path, hugging_face):
 
 
 @needs_regex
+def test_gpt2_ids_between_the_vocabulary_ids_are_refused():
+    tok = GPT2Tokenizer({"a": 0, "b": 2}, [])  # no token has id 1
+    assert tok.decode([0, 2]) == "ab"
+    with pytest.raises(NpgptError, match="token id 1 is not in"):
+        tok.decode([0, 1, 2])
+
+
+@needs_regex
 def test_gpt2_bytes_only_vocabulary_round_trips():
     encoder = {c: b for b, c in bpe.bytes_to_unicode().items()}
     tok = GPT2Tokenizer(encoder, [])
