@@ -1,11 +1,28 @@
-"""Shared fixtures: small corpora and paths to the shared data folder."""
+"""Shared fixtures and helpers: small corpora, the shared data folder, waiting on a
+training subprocess."""
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+HANG_GUARD_S = 120  # subprocess tests: a hang guard, not a speed assertion
+
+
+def wait_for(predicate, what):
+    """Poll until predicate() is true; fail after HANG_GUARD_S seconds."""
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def steps_logged(folder, n):
+    """Whether folder/out/log.jsonl holds at least n step records."""
+    log = folder / "out" / "log.jsonl"
+    return log.exists() and log.read_text().count('"loss"') >= n
 
 
 def shared_data_dir():

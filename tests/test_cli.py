@@ -3,14 +3,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 from npgpt import load
 
-from conftest import ROOT, shared_data_dir
+from conftest import ROOT, shared_data_dir, steps_logged, wait_for
 
 TINY = ["--preset", "tiny", "--max-iters", "12", "--eval-interval", "6", "--eval-iters", "2"]
 
@@ -91,18 +90,6 @@ def test_generate_bad_inputs(tmp_path, corpus):
     assert_clean_error(run("generate.py", "--top-p", "2", cwd=tmp_path, check=False), "top_p")
 
 
-def wait_for(predicate, what, limit=120):
-    deadline = time.monotonic() + limit
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-def _steps_logged(folder, n):
-    log = folder / "out" / "log.jsonl"
-    return log.exists() and log.read_text().count('"loss"') >= n
-
-
 @pytest.mark.parametrize("how", ["sigkill", "sigint"])
 def test_interrupted_process_resumes_bit_identically(tmp_path, corpus, how):
     args = ["--preset", "tiny", "--max-iters", "300", "--eval-interval", "50", "--eval-iters", "1",
@@ -112,7 +99,7 @@ def test_interrupted_process_resumes_bit_identically(tmp_path, corpus, how):
     run("train.py", *args, cwd=tmp_path / "a")
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path / "b",
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: _steps_logged(tmp_path / "b", 60) or proc.poll() is not None, "steps")
+    wait_for(lambda: steps_logged(tmp_path / "b", 60) or proc.poll() is not None, "steps")
     proc.send_signal(signal.SIGKILL if how == "sigkill" else signal.SIGINT)
     _, err = proc.communicate()
     if how == "sigint":

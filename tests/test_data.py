@@ -76,7 +76,7 @@ def test_too_short_for_one_batch(tmp_path):
         d.check_fits(32)
 
 
-def test_shakespeare_from_npgpt_data_dir(monkeypatch, tmp_path):
+def test_shakespeare_from_npgpt_data_dir(monkeypatch):
     folder = shared_data_dir()
     if folder is None:
         pytest.skip("no copy of tinyshakespeare.txt (set NPGPT_DATA_DIR)")

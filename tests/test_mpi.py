@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +20,8 @@ from npgpt import load
 from npgpt import distributed
 from npgpt.errors import NpgptError
 
-from conftest import ROOT
+from conftest import HANG_GUARD_S, ROOT, steps_logged, wait_for
 
-HANG_GUARD_S = 120
 TINY = ["--preset", "tiny", "--dropout", "0", "--eval-iters", "2", "--log-interval", "1"]
 # one BLAS thread per rank: the machine's cores are shared with the other rank
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -59,13 +57,6 @@ def train(*args, cwd, ranks=None, mpmd=None, check=True):
     if check:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
-
-
-def wait_for(predicate, what):
-    deadline = time.monotonic() + HANG_GUARD_S
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def log_records(folder):
@@ -167,10 +158,8 @@ def test_ctrl_c_saves_and_resume_is_bit_identical_then_on_another_n(tmp_path, co
     proc = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, str(ROOT / "train.py"), *args],
                             cwd=tmp_path / "b", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=ENV)
-    log = tmp_path / "b" / "out" / "log.jsonl"
     try:
-        wait_for(lambda: (log.exists() and log.read_text().count('"loss"') >= 60)
-                 or proc.poll() is not None, "steps")
+        wait_for(lambda: steps_logged(tmp_path / "b", 60) or proc.poll() is not None, "steps")
         proc.send_signal(signal.SIGINT)  # as Ctrl-C: mpiexec passes it to every rank
         out, err = proc.communicate(timeout=HANG_GUARD_S)
     finally:

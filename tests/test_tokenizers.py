@@ -1,13 +1,12 @@
 """Tokenizers: exact round trips, clear errors, JSON round trips, BPE training and GPT-2."""
 import importlib.util
 import json
-import os
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import shared_data_dir
 from npgpt import bpe
 from npgpt.errors import NpgptError
 from npgpt.tokenizers import (BPETokenizer, CharTokenizer, GPT2Tokenizer, build_tokenizer,
@@ -22,18 +21,12 @@ needs_regex = pytest.mark.skipif(importlib.util.find_spec("regex") is None,
                                  reason="the gpt2 tokenizer needs `pip install regex`")
 
 
-def data_dir():
-    if os.environ.get("NPGPT_DATA_DIR"):
-        return Path(os.environ["NPGPT_DATA_DIR"])
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
 @pytest.fixture(scope="module")
 def shakespeare():
-    path = data_dir() / "tinyshakespeare.txt"
-    if not path.exists():
-        pytest.skip(f"Tiny Shakespeare not found at {path} (set NPGPT_DATA_DIR)")
-    return path.read_text(encoding="utf-8")
+    folder = shared_data_dir()
+    if folder is None:
+        pytest.skip("Tiny Shakespeare not found (set NPGPT_DATA_DIR)")
+    return (folder / "tinyshakespeare.txt").read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
@@ -303,10 +296,10 @@ def test_gpt2_without_regex_says_how_to_install(monkeypatch):
 def gpt2():
     if importlib.util.find_spec("regex") is None:
         pytest.skip("the gpt2 tokenizer needs `pip install regex`")
-    folder = data_dir() / "gpt2"
-    if not (folder / "encoder.json").exists():
-        pytest.skip(f"GPT-2's encoder.json and vocab.bpe not found in {folder}")
-    return tokenizer_from_pretrained(folder)
+    folder = shared_data_dir()
+    if folder is None or not (folder / "gpt2" / "encoder.json").exists():
+        pytest.skip("GPT-2's encoder.json and vocab.bpe not found in $NPGPT_DATA_DIR/gpt2")
+    return tokenizer_from_pretrained(folder / "gpt2")
 
 
 def test_gpt2_real_vocabulary(gpt2):
