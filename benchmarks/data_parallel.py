@@ -24,7 +24,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import common  # the repository on sys.path; machine facts
+from npgpt.distributed import LAUNCH_SIZE_VARS
+
+ROOT = Path(common.ROOT)
 GLOBAL_BATCH, BLOCK = 32, 128
 
 
@@ -37,7 +40,7 @@ def mpiexec():
 
 
 def env_with(threads, data_dir):
-    env = {k: v for k, v in os.environ.items() if k not in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")}
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_SIZE_VARS}
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[name] = str(threads)
     if data_dir:
@@ -101,6 +104,7 @@ def main():
     if opts.allreduce_worker is not None:
         return allreduce_worker(opts.allreduce_worker, repeats=20)
 
+    print("\n".join(common.machine_info()))
     data_dir = None if opts.data else shared_data_dir()
     args = ["--preset", "small", "--max-iters", str(opts.steps), "--eval-interval", "1000000",
             "--eval-iters", "1", "--log-interval", "1", "--data",

@@ -91,10 +91,9 @@ def make_torch(model, manual, device="cpu"):
     return step
 
 
-def time_config(name, steps, threads, device="cpu"):
-    import torch  # noqa: F401  (imported before set_threads so it gets the same count)
+def time_config(name, steps, device="cpu"):
+    """Step times of npgpt and both PyTorch models (threads: main's set_threads)."""
     cfg, B = CONFIGS[name]
-    limiter = common.set_threads(threads)  # noqa: F841
     model, _, np_step = make_npgpt(cfg, device)
     runners = {"npgpt": np_step, "torch sdpa": make_torch(model, False, device),
                "torch manual": make_torch(model, True, device)}
@@ -114,7 +113,7 @@ def time_config(name, steps, threads, device="cpu"):
             first_loss.setdefault(n, loss)
             if i >= warmup:
                 times[n].append(dt)
-    return cfg, B, times, first_loss
+    return cfg, B, times, first_loss, warmup
 
 
 def memory_child(name, framework):
@@ -144,12 +143,11 @@ def measure_memory(name, framework, threads):
 
 def report(name, steps, threads, memory, device="cpu"):
     load = os.getloadavg()[0]
-    cfg, B, times, first_loss = time_config(name, steps, threads, device)
+    cfg, B, times, first_loss, warmup = time_config(name, steps, device)
     tokens = B * cfg.block_size
     print(f"\n== {name} on the {device.upper()}: {cfg.n_layer} layers, {cfg.n_head} heads, "
           f"{cfg.n_embd} dims, context {cfg.block_size}, batch {B}, vocab {cfg.vocab_size}; "
-          f"{len(times['npgpt'])} timed steps each after "
-          f"{WARMUP[name] if device == 'cpu' else GPU_WARMUP} warm-up; "
+          f"{len(times['npgpt'])} timed steps each after {warmup} warm-up; "
           f"load average {load:.2f} before, {os.getloadavg()[0]:.2f} after")
     print("   loss on the first batch (same weights, same updates): "
           + ", ".join(f"{n} {v:.6f}" for n, v in first_loss.items()))
@@ -167,12 +165,11 @@ def report(name, steps, threads, memory, device="cpu"):
 
 
 # ------------------------------------------------------------------------- profile
-def profile(name, steps, threads):
+def profile(name, steps):
     """Per layer type: forward and backward ms, share of the step, and GFLOP/s of its
-    matrix products against this machine's sgemm rate."""
+    matrix products against this machine's sgemm rate (threads: main's set_threads)."""
     from npgpt import ops
     cfg, B = CONFIGS[name]
-    limiter = common.set_threads(threads)  # noqa: F841
     model, opt, step = make_npgpt(cfg)
     T, C, V, nh = cfg.block_size, cfg.n_embd, cfg.vocab_size, cfg.n_head
     N = B * T
@@ -286,7 +283,7 @@ def main():
     names = [n for n in CONFIGS if n not in BY_NAME_ONLY] if args.config == "all" else [args.config]
     if args.profile:
         for name in (["small"] if args.config == "all" else names):
-            profile(name, args.steps or 10, args.threads)
+            profile(name, args.steps or 10)
         return
     for name in names:
         # a lecture step takes seconds: its memory children only when asked for by name
