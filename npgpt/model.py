@@ -5,7 +5,6 @@
               -> ln_f -> logits = x @ wte.T (B,T,V) -> cross-entropy with targets
 """
 import json
-import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass, fields
 
@@ -15,7 +14,7 @@ from . import ops
 from .sampling import check_sampling_args, sample_next
 from .backend import RandomStream, array_module, get_xp, resolve_device, to_numpy
 from .layers import Block, Dropout, Embedding, LayerNorm, TiedHead
-from .params import FlatDict, gpt2_param_shapes, init_gpt2
+from .params import FlatDict, flat_size, gpt2_param_shapes, init_gpt2
 
 DTYPES = ("float32", "float64")
 
@@ -74,7 +73,7 @@ class GPT:
         if init:
             flat = xp.asarray(init_gpt2(shapes, config.n_layer, init_seed, self.dtype))
         else:
-            flat = xp.zeros(sum(math.prod(shape) for _, shape in shapes), dtype=self.dtype)
+            flat = xp.zeros(flat_size(shapes), dtype=self.dtype)
         self.params = FlatDict(flat, shapes)
         self.grads = FlatDict(xp.zeros_like(flat), shapes)
         # the model's own dropout randomness: a JSON state, the same on either device

@@ -38,8 +38,10 @@ class AdamW:
         self.eps, self.weight_decay, self.t = eps, weight_decay, 0
         self.m = {n: get_xp(p).zeros_like(p) for n, p in _buffers(params)}
         self.v = {n: get_xp(p).zeros_like(p) for n, p in _buffers(params)}
-        self.scratch = {n: get_xp(p).empty(min(p.size, CHUNK), dtype=p.dtype)
-                        for n, p in _buffers(params)}
+        self.scratch = {}  # per dtype: as long as the longest stretch updated at a time
+        for _, p in _buffers(params):
+            size = max(min(p.size, CHUNK), len(self.scratch.get(p.dtype, ())))
+            self.scratch[p.dtype] = get_xp(p).empty(size, dtype=p.dtype)
         # weight decay applies to matrices (ndim >= 2) only, not to biases / LayerNorm:
         # per buffer, the slices that hold matrices
         self.decay = {}
@@ -63,7 +65,7 @@ class AdamW:
             p1, g1, m1, v1 = (a.reshape(-1) for a in (p, gbufs[n], self.m[n], self.v[n]))
             for start in range(0, p1.size, CHUNK):          # views of CHUNK elements
                 part = slice(start, start + CHUNK)
-                tmp = self.scratch[n][:p1[part].size]
+                tmp = self.scratch[p.dtype][:p1[part].size]
                 self._adam(p1[part], g1[part], m1[part], v1[part], tmp, lr, bias1, bias2_sqrt)
 
     def _adam(self, p, g, m, v, tmp, lr, bias1, bias2_sqrt):

@@ -30,12 +30,17 @@ def gpt2_param_shapes(config):
     return shapes
 
 
+def flat_size(shapes):
+    """Elements of the one buffer that holds every tensor of `shapes`."""
+    return sum(math.prod(shape) for _, shape in shapes)
+
+
 def init_gpt2(shapes, n_layer, seed, dtype):
     """GPT-2 / nanoGPT initialisation as one flat NumPy array (always drawn on the CPU,
     so a seed gives the same model on every device): matrices N(0, 0.02), the residual
     projections N(0, 0.02/sqrt(2 n_layer)), biases 0, LayerNorm weights 1."""
     rng = np.random.default_rng(seed)
-    flat = np.empty(sum(math.prod(shape) for _, shape in shapes), dtype=dtype)
+    flat = np.empty(flat_size(shapes), dtype=dtype)
     offset = 0
     for name, shape in shapes:
         part = flat[offset:offset + math.prod(shape)]  # drawn in float64, stored in dtype
