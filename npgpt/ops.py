@@ -96,14 +96,45 @@ def embedding_backward(dout, cache, ws=FRESH):
     xp = get_xp(dout)
     T, C = dout.shape[1:]
     dwte = ws("dwte", wte_shape, dout)
-    dwte.fill(0)
-    # add.at (fastest on 1-D indices): one scalar per (position, channel) into dwte[idx*C + c]
-    flat = (idx[..., None] * C + xp.arange(C)).reshape(-1)  # (B*T*C,)
-    xp.add.at(dwte.reshape(-1), flat, dout.reshape(-1))
+    if xp is np:
+        dwte.fill(0)
+        # add.at (fastest on 1-D indices): one scalar per (position, channel) into dwte[idx*C + c]
+        flat = (idx[..., None] * C + np.arange(C)).reshape(-1)  # (B*T*C,)
+        np.add.at(dwte.reshape(-1), flat, dout.reshape(-1))
+    else:  # a GPU's add.at adds with atomics, in no fixed order: the last bits would vary
+        _token_sums_in_fixed_order(idx, dout, dwte)
     dwpe = ws("dwpe", wpe_shape, dout)
     dwpe[T:] = 0
     dout.sum(axis=0, out=dwpe[:T])
     return dwte, dwpe
+
+
+def _token_sums_in_fixed_order(idx, dout, dwte):
+    """dwte[v] = sum of the rows dout[b,t] whose idx[b,t] == v, added in an order fixed by
+    the data alone, so that every run (and a resumed one) gets the same bits.
+
+    1. sort the N = B*T rows by (token, position): each token's rows become one segment
+    2. a segmented inclusive scan (Hillis-Steele): for step = 1, 2, 4, ... every row adds
+       the row `step` above it when that row holds the same token; after log2(N) passes
+       the last row of a segment holds the segment's sum (added as a tree, not a chain)
+    3. dwte[v] = the last row of v's segment (searchsorted finds it), 0 for absent tokens
+    """
+    xp = get_xp(dout)
+    V, C = dwte.shape
+    ids = idx.reshape(-1).astype(xp.int64)             # (N,)
+    N = ids.shape[0]
+    order = xp.argsort(ids * N + xp.arange(N))         # distinct keys: one order, any sort
+    ids = ids[order]
+    s = dout.reshape(-1, C)[order]                     # (N, C) rows grouped by token
+    step = 1
+    while step < N:
+        same = (ids[step:] == ids[:-step])[:, None]   # (N-step, 1): row i-step in i's segment
+        s[step:] += xp.where(same, s[:-step], 0.0)    # (the where reads s before the add)
+        step *= 2
+    vocab = xp.arange(V)
+    last = xp.searchsorted(ids, vocab, side="right") - 1  # (V,) last row with id <= v
+    present = (last >= 0) & (ids[last] == vocab)
+    dwte[...] = xp.where(present[:, None], s[last], 0.0)
 
 
 # ----------------------------------------------------------------------------
@@ -284,7 +315,28 @@ def _split_heads(qkv, n_head):
     return qkv.reshape(B, T, 3, n_head, C3 // (3 * n_head)).transpose(2, 0, 3, 1, 4)
 
 
-def attention_forward(qkv, n_head, att_mask=None, ws=FRESH):
+def causal_softmax(att, ws=FRESH):
+    """att (B,nh,T,T) scores -> causal softmax weights, in place (step (2) below).
+    kernels.py fuses these four passes into one."""
+    xp, T = get_xp(att), att.shape[-1]
+    att += causal_mask_bias(T, att.dtype, xp)     # -inf above the diagonal
+    att -= xp.max(att, axis=-1, keepdims=True, out=ws("rowmax", att.shape[:-1] + (1,), att))
+    xp.exp(att, out=att)                          # stable softmax: every row's max is 0, and
+    att *= 1.0 / _row_sums(att, ws, "rowsum")     # exp(-inf) = 0: masked weights are exactly 0
+    return att
+
+
+def causal_softmax_backward(ds, att, rowdot, att_mask):
+    """Steps (3) and (2) of attention_backward, in place: ds holds da (B,nh,T,T) and
+    becomes att * (da * att_mask - rowdot); rowdot (B,nh,T,1). kernels.py fuses them."""
+    if att_mask is not None:
+        ds *= att_mask                                       # (3)
+    ds -= rowdot                                             # (2)
+    ds *= att
+    return ds
+
+
+def attention_forward(qkv, n_head, att_mask=None, ws=FRESH, *, softmax=causal_softmax):
     """Scaled dot-product causal self-attention over all (batch, head) pairs at once.
 
     qkv (B,T,3C) is the fused projection [q | k | v]; returns y (B,T,C).
@@ -292,6 +344,7 @@ def attention_forward(qkv, n_head, att_mask=None, ws=FRESH):
     attention weights (as nanoGPT's attn_dropout).
         att = softmax(q k^T / sqrt(hs) + causal)     (B,nh,T,T)
         y   = att v                                  (B,nh,T,hs) -> merged to (B,T,C)
+    softmax: the in-place step scores -> weights (kernels.py passes its fused one).
     """
     xp = get_xp(qkv)
     B, T, C3 = qkv.shape
@@ -299,10 +352,7 @@ def attention_forward(qkv, n_head, att_mask=None, ws=FRESH):
     scale = 1.0 / math.sqrt(q.shape[-1])
     qs = xp.multiply(q, scale, out=ws("qs", q.shape, qkv))  # scaling q: T/hs times cheaper
     att = xp.matmul(qs, k.transpose(0, 1, 3, 2), out=ws("att", (B, n_head, T, T), qkv))
-    att += causal_mask_bias(T, att.dtype, xp)     # -inf above the diagonal
-    att -= xp.max(att, axis=-1, keepdims=True, out=ws("rowmax", (B, n_head, T, 1), att))
-    xp.exp(att, out=att)                          # stable softmax: every row's max is 0, and
-    att *= 1.0 / _row_sums(att, ws, "rowsum")     # exp(-inf) = 0: masked weights are exactly 0
+    softmax(att, ws)                              # scores -> causal softmax weights
     att_used = att if att_mask is None else xp.multiply(att, att_mask,
                                                         out=ws("att_used", att.shape, att))
     y = ws("y", (B, T, C3 // 3), qkv)
@@ -311,7 +361,7 @@ def attention_forward(qkv, n_head, att_mask=None, ws=FRESH):
     return y, (qs, k, v, att, att_used, att_mask, scale, y)
 
 
-def attention_backward(dy, cache, ws=FRESH):
+def attention_backward(dy, cache, ws=FRESH, *, softmax_backward=causal_softmax_backward):
     """forward (per batch and head):
         s   = qs k^T + causal             (1)  (qs = q * scale)
         att = softmax(s)  row-wise        (2)
@@ -324,7 +374,7 @@ def attention_backward(dy, cache, ws=FRESH):
             entries, so their gradient is exactly 0). The row sums need no (T,T) product:
             sum_j datt_ij att_ij = sum_j da_ij a_ij = sum_j (dy_i . v_j) a_ij = dy_i . y_i
         (1) dq = ds k * scale ;  dk = ds^T qs
-    Returns dqkv (B,T,3C).
+    Returns dqkv (B,T,3C). softmax_backward: steps (3) and (2), in place.
     """
     qs, k, v, att, att_used, att_mask, scale, y = cache
     xp, (B, nh, T, hs) = get_xp(dy), qs.shape
@@ -333,11 +383,9 @@ def attention_backward(dy, cache, ws=FRESH):
     dq, dk, dv = _split_heads(dqkv, nh)  # views of dqkv as heads, written in place
     xp.matmul(att_used.transpose(0, 1, 3, 2), dy4, out=dv)  # (4) dv = a^T dy
     ds = xp.matmul(dy4, v.transpose(0, 1, 3, 2), out=ws("tmp", att.shape, dy))  # (4) da
-    if att_mask is not None:
-        ds *= att_mask                                       # (3)
     dy_y = xp.multiply(dy, y, out=ws("dy_y", y.shape, dy)).reshape(B, T, nh, hs)
-    ds -= _row_sums(dy_y, ws, "rowdot").transpose(0, 2, 1, 3)  # (2) dy_i . y_i, (B,nh,T,1)
-    ds *= att
+    rowdot = _row_sums(dy_y, ws, "rowdot").transpose(0, 2, 1, 3)  # dy_i . y_i, (B,nh,T,1)
+    softmax_backward(ds, att, rowdot, att_mask)             # (3), (2)
     xp.matmul(ds, k, out=dq)                                 # (1) dq = ds k * scale
     dq *= scale
     xp.matmul(ds.transpose(0, 1, 3, 2), qs, out=dk)          # (1) dk = ds^T qs
