@@ -16,6 +16,10 @@ dx is read before the next Linear's backward), attention and GELU use scratch["c
 is the residual gradient that must outlive the attention branch). The residual
 branches' outputs are read right away into the residual stream, so both c_proj layers
 of every block write their forward results into scratch["residual"].
+
+The layers with a fused GPU kernel (LayerNorm, attention, the MLP's GELU) call their op
+through `self.ops`: npgpt.ops itself, or kernels.fused_ops's table, which the model
+chooses once (see kernels.py); the others call npgpt.ops directly.
 """
 from . import ops
 
@@ -40,18 +44,18 @@ class Linear:
 
 
 class LayerNorm:
-    def __init__(self, params, grads, name, eps=1e-5, scratch=None):
+    def __init__(self, params, grads, name, eps=1e-5, scratch=None, ops=ops):
         self.w, self.b = params[name + ".weight"], params[name + ".bias"]
         self.dw, self.db = grads[name + ".weight"], grads[name + ".bias"]
-        self.eps = eps
+        self.eps, self.ops = eps, ops
         self.ws, self.scratch = ops.Workspace(), scratch or ops.Workspace()
 
     def forward(self, x):
-        out, self.cache = ops.layernorm_forward(x, self.w, self.b, self.eps, self.ws)
+        out, self.cache = self.ops.layernorm_forward(x, self.w, self.b, self.eps, self.ws)
         return out
 
     def backward(self, dout):
-        dx, dw, db = ops.layernorm_backward(dout, self.cache, self.scratch)
+        dx, dw, db = self.ops.layernorm_backward(dout, self.cache, self.scratch)
         self.dw += dw
         self.db += db
         return dx
@@ -82,12 +86,12 @@ class Dropout:
 class CausalSelfAttention:
     """qkv = c_attn(x) (C -> 3C); y = attention(qkv); out = dropout(c_proj(y))."""
 
-    def __init__(self, params, grads, name, n_head, dropout, rng, scratch):
+    def __init__(self, params, grads, name, n_head, dropout, rng, scratch, ops=ops):
         self.c_attn = Linear(params, grads, name + ".c_attn", scratch["linear"])
         self.c_proj = Linear(params, grads, name + ".c_proj", scratch["linear"],
                              scratch["residual"])
         self.resid_dropout = Dropout(dropout, rng)
-        self.n_head, self.p, self.rng = n_head, dropout, rng
+        self.n_head, self.p, self.rng, self.ops = n_head, dropout, rng, ops
         self.ws, self.scratch = ops.Workspace(), scratch["core"]
 
     def forward(self, x, train, kv=None):
@@ -99,46 +103,47 @@ class CausalSelfAttention:
         if train and self.p > 0.0:
             B, T, _ = x.shape
             att_mask = ops.dropout_mask((B, self.n_head, T, T), self.p, self.rng, x.dtype)
-        y, self.cache = ops.attention_forward(qkv, self.n_head, att_mask, self.ws)
+        y, self.cache = self.ops.attention_forward(qkv, self.n_head, att_mask, self.ws)
         return self.resid_dropout.forward(self.c_proj.forward(y), train)
 
     def backward(self, dout):
         dy = self.c_proj.backward(self.resid_dropout.backward(dout))
-        (dqkv,) = ops.attention_backward(dy, self.cache, self.scratch)
+        (dqkv,) = self.ops.attention_backward(dy, self.cache, self.scratch)
         return self.c_attn.backward(dqkv)
 
 
 class MLP:
     """out = dropout(c_proj(gelu(c_fc(x)))), C -> 4C -> C."""
 
-    def __init__(self, params, grads, name, dropout, rng, scratch):
+    def __init__(self, params, grads, name, dropout, rng, scratch, ops=ops):
         self.c_fc = Linear(params, grads, name + ".c_fc", scratch["linear"])
         self.c_proj = Linear(params, grads, name + ".c_proj", scratch["linear"],
                              scratch["residual"])
         self.dropout = Dropout(dropout, rng)
-        self.ws, self.scratch = ops.Workspace(), scratch["core"]
+        self.ops, self.ws, self.scratch = ops, ops.Workspace(), scratch["core"]
 
     def forward(self, x, train):
-        h, self.gelu_cache = ops.gelu_forward(self.c_fc.forward(x), self.ws)  # (B,T,4C)
+        h, self.gelu_cache = self.ops.gelu_forward(self.c_fc.forward(x), self.ws)  # (B,T,4C)
         return self.dropout.forward(self.c_proj.forward(h), train)
 
     def backward(self, dout):
         dh = self.c_proj.backward(self.dropout.backward(dout))
-        (dh,) = ops.gelu_backward(dh, self.gelu_cache, self.scratch)
+        (dh,) = self.ops.gelu_backward(dh, self.gelu_cache, self.scratch)
         return self.c_fc.backward(dh)
 
 
 class Block:
     """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
 
-    scratch: {role: Workspace} shared by all blocks (e.g. a defaultdict(ops.Workspace))."""
+    scratch: {role: Workspace} shared by all blocks (e.g. a defaultdict(ops.Workspace)).
+    ops: the op functions to call (npgpt.ops, or kernels.fused_ops's on a GPU)."""
 
-    def __init__(self, params, grads, name, config, rng, scratch):
-        self.ln_1 = LayerNorm(params, grads, name + ".ln_1", scratch=scratch["ln_1"])
+    def __init__(self, params, grads, name, config, rng, scratch, ops=ops):
+        self.ln_1 = LayerNorm(params, grads, name + ".ln_1", scratch=scratch["ln_1"], ops=ops)
         self.attn = CausalSelfAttention(params, grads, name + ".attn", config.n_head,
-                                        config.dropout, rng, scratch)
-        self.ln_2 = LayerNorm(params, grads, name + ".ln_2", scratch=scratch["ln_2"])
-        self.mlp = MLP(params, grads, name + ".mlp", config.dropout, rng, scratch)
+                                        config.dropout, rng, scratch, ops)
+        self.ln_2 = LayerNorm(params, grads, name + ".ln_2", scratch=scratch["ln_2"], ops=ops)
+        self.mlp = MLP(params, grads, name + ".mlp", config.dropout, rng, scratch, ops)
 
     def forward(self, x, train, kv=None):
         """Adds both branches into the residual stream x in place and returns it."""

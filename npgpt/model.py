@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from . import ops
+from . import kernels, ops
 from .sampling import check_sampling_args, sample_next
 from .backend import RandomStream, array_module, get_xp, resolve_device, to_numpy
 from .layers import Block, Dropout, Embedding, LayerNorm, TiedHead
@@ -79,13 +79,14 @@ class GPT:
         # the model's own dropout randomness: a JSON state, the same on either device
         self.rng = RandomStream(xp, dropout_seed.generate_state(2).tolist())
         p, g = self.params, self.grads
+        self.ops = kernels.fused_ops(xp, self.dtype)  # ops.py, or fused kernels on a GPU
         vocab_ws = ops.Workspace()  # the (V, C) scratch of the embedding and the tied head
         self.embedding = Embedding(p, g, vocab_ws)
         self.drop = Dropout(config.dropout, self.rng)
         scratch = defaultdict(ops.Workspace)  # shared by every block (see layers.py)
-        self.blocks = [Block(p, g, f"transformer.h.{i}", config, self.rng, scratch)
+        self.blocks = [Block(p, g, f"transformer.h.{i}", config, self.rng, scratch, self.ops)
                        for i in range(config.n_layer)]
-        self.ln_f = LayerNorm(p, g, "transformer.ln_f")
+        self.ln_f = LayerNorm(p, g, "transformer.ln_f", ops=self.ops)
         self.head = TiedHead(p, g, vocab_ws)
         self._loss_ws, self._loss_cache = ops.Workspace(), None
 
@@ -148,7 +149,7 @@ class GPT:
         self._loss_cache = None
         if targets is None:
             return logits, None
-        loss, self._loss_cache = ops.cross_entropy_forward(logits, targets, ws=self._loss_ws)
+        loss, self._loss_cache = self.ops.cross_entropy_forward(logits, targets, ws=self._loss_ws)
         return logits, loss
 
     # ----------------------------------------------------------------- backward
@@ -164,7 +165,7 @@ class GPT:
             raise RuntimeError("backward() needs a forward(idx, targets) with targets first")
         if not accumulate:
             self.zero_grad()
-        (dlogits,) = ops.cross_entropy_backward(1.0, self._loss_cache, self._loss_ws)
+        (dlogits,) = self.ops.cross_entropy_backward(1.0, self._loss_cache, self._loss_ws)
         dx = self.ln_f.backward(self.head.backward(dlogits))
         for block in reversed(self.blocks):
             dx = block.backward(dx)

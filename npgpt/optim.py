@@ -8,6 +8,7 @@ other {name: array} dict is updated tensor by tensor with the same expressions.
 """
 import math
 
+from . import kernels
 from .backend import get_xp
 
 
@@ -50,6 +51,9 @@ class AdamW:
                 self.decay[n] = _matrix_spans(params)
             else:
                 self.decay[n] = [slice(None)] if p.ndim >= 2 else []
+        # on a GPU, a float32 flat buffer is updated by one fused kernel per stretch
+        self.fused = {n: kernels.adamw_runs(self.decay[n], p.size) for n, p in _buffers(params)
+                      if n == "*" and kernels.applies(get_xp(p), p.dtype)}
 
     def step(self, grads, lr=None):
         """One update of every parameter in place; `lr` overrides the default for this step."""
@@ -60,6 +64,10 @@ class AdamW:
         flat = getattr(grads, "flat", None)
         gbufs = {"*": flat} if "*" in self.m else grads
         for n, p in _buffers(self.params):
+            if n in self.fused:
+                kernels.adamw_update(p, gbufs[n], self.m[n], self.v[n], self.fused[n], lr,
+                                     self.betas, self.eps, self.weight_decay, bias1, bias2_sqrt)
+                continue
             for span in self.decay[n]:
                 p[span] *= 1.0 - lr * self.weight_decay     # decoupled weight decay
             p1, g1, m1, v1 = (a.reshape(-1) for a in (p, gbufs[n], self.m[n], self.v[n]))

@@ -6,14 +6,19 @@ DeviceArray is a NumPy array that plays a CuPy array: reading its values on the 
 NumPy, except that the arrays it creates are DeviceArrays. install(monkeypatch) makes
 npgpt's --device gpu use them, so the code's CuPy branches (`xp is not numpy`) run with
 NumPy's arithmetic. What it cannot see: np.asarray() of a subclass is a plain view, where
-CuPy would raise; and it runs no CUDA kernel.
+CuPy would raise. install(monkeypatch, fused=True) also runs npgpt's fused CUDA kernels,
+compiled by g++ against the CUDA emulator of emulated_cuda.py. Its `add.at` raises: on a
+GPU it adds with atomics, in no fixed order, so a resumed run would differ in the last bits.
 """
 import contextlib
 import types
 
 import numpy as np
+import pytest
 
+import emulated_cuda
 import npgpt.backend
+import npgpt.kernels
 import npgpt.model
 import npgpt.ops
 import npgpt.optim
@@ -49,9 +54,26 @@ for _name in ("__float__", "__int__", "__index__", "__bool__", "__complex__", "_
     setattr(DeviceArray, _name, _host_read(_name))
 
 
+class AtomicAdd(AssertionError):
+    pass
+
+
+class _AddWithoutAt:
+    """np.add, whose .at (a scatter-add: atomics on a GPU) raises AtomicAdd."""
+
+    def __call__(self, *args, **kwargs):
+        return np.add(*args, **kwargs)
+
+    def at(self, *args):
+        raise AtomicAdd("add.at on the device: atomics add in no fixed order, so the "
+                        "result's last bits vary from run to run")
+
+
 class FakeCuPy:
     """NumPy, except that the arrays it creates are DeviceArrays."""
     ndarray = DeviceArray
+    add = _AddWithoutAt()
+    RawModule = emulated_cuda.RawModule  # kernels compiled by g++ (install(fused=True))
     random = types.SimpleNamespace(  # CuPy 14's signatures: Philox4x3210(seed, *, size)
         Generator=np.random.Generator,
         Philox4x3210=lambda seed=None, *, size=-1: np.random.Philox(seed))
@@ -59,7 +81,8 @@ class FakeCuPy:
     def __getattr__(self, name):
         attr = getattr(np, name)
         # the makers, and vdot, which gives a NumPy scalar where CuPy gives a 0-d array
-        if name in ("empty", "zeros", "ones", "full", "asarray", "array", "arange", "vdot"):
+        if name in ("empty", "zeros", "ones", "full", "asarray", "array", "arange", "vdot",
+                    "ascontiguousarray"):
             return lambda *args, **kwargs: np.asarray(attr(*args, **kwargs)).view(DeviceArray)
         return attr
 
@@ -73,14 +96,21 @@ def no_host_reads():
         DeviceArray.armed = False
 
 
-def install(monkeypatch):
-    """From here on, models made with device="gpu" live on the stand-in device."""
+def install(monkeypatch, fused=False):
+    """From here on, models made with device="gpu" live on the stand-in device; with
+    fused=True they run npgpt's fused kernels in the CUDA emulator (skips the test where
+    there is no C++ compiler)."""
     fake = FakeCuPy()
+    if fused:
+        missing = emulated_cuda.compiler_missing()
+        if missing:
+            pytest.skip(f"the fused kernels run in a CUDA emulator built by g++: {missing}")
+    monkeypatch.setenv("NPGPT_FUSED", "1" if fused else "0")
 
     def get_xp(*arrays):
         return fake if any(isinstance(a, DeviceArray) for a in arrays) else np
 
-    for module in (npgpt.backend, npgpt.model, npgpt.ops, npgpt.optim):
+    for module in (npgpt.backend, npgpt.kernels, npgpt.model, npgpt.ops, npgpt.optim):
         monkeypatch.setattr(module, "get_xp", get_xp)
     monkeypatch.setattr(npgpt.backend, "gpu_available", lambda: True)
     monkeypatch.setattr(npgpt.model, "array_module",

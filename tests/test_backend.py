@@ -5,21 +5,24 @@ import numpy as np
 import pytest
 
 import stand_in_gpu
-from npgpt import GPT, AdamW, GPTConfig, clip_grad_norm, load, save
+from npgpt import GPT, AdamW, GPTConfig, clip_grad_norm, load, ops, save
 from npgpt.backend import auto_device_note, gpu_available, resolve_device, to_numpy
 from npgpt.errors import NpgptError
 
 CFG = GPTConfig(vocab_size=29, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
 
 
-@pytest.fixture(params=["stand-in", "cuda"])
+@pytest.fixture(params=["stand-in", "stand-in fused", "cuda", "cuda fused"])
 def gpu_xp(request, monkeypatch):
-    """The array module of device="gpu": the stand-in, or CuPy on a real GPU."""
-    if request.param == "stand-in":
-        return stand_in_gpu.install(monkeypatch)
+    """The array module of device="gpu": the stand-in, or CuPy on a real GPU; "fused" runs
+    the fused kernels (on the stand-in, in the CUDA emulator)."""
+    fused = request.param.endswith("fused")
+    if request.param.startswith("stand-in"):
+        return stand_in_gpu.install(monkeypatch, fused=fused)
     if not gpu_available():
         pytest.skip("no CuPy-visible NVIDIA GPU here")
     import cupy
+    monkeypatch.setenv("NPGPT_FUSED", "1" if fused else "0")
     return cupy
 
 
@@ -73,3 +76,25 @@ def test_checkpoints_move_between_devices(tmp_path, gpu_xp):
     back, _ = load(tmp_path / "g.npz", device="gpu")
     assert isinstance(back.params.flat, gpu_xp.ndarray)
     np.testing.assert_array_equal(to_numpy(back.params.flat), cpu.params.flat)
+
+
+def test_the_gpu_embedding_gradient_needs_no_atomics(monkeypatch):
+    """On a GPU, add.at adds with atomics in no fixed order; the GPU branch sorts the rows
+    by token and sums each token's rows as a tree. Same sums as add.at (float64), absent
+    tokens zero, a token repeated in most positions, N not a power of two."""
+    fake = stand_in_gpu.install(monkeypatch)  # its add.at raises
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, 9, (5, 23))
+    idx[idx > 5] = 3                          # token 3 is most of the batch; 6-8 never occur
+    wte, wpe = rng.standard_normal((11, 4)), rng.standard_normal((30, 4))
+    dout = rng.standard_normal((5, 23, 4))
+    _, cache = ops.embedding_forward(idx, wte, wpe)
+    want = ops.embedding_backward(dout, cache)
+    with pytest.raises(stand_in_gpu.AtomicAdd):
+        fake.add.at(fake.zeros(3), fake.asarray([0, 0]), 1.0)
+    _, gpu_cache = ops.embedding_forward(fake.asarray(idx), fake.asarray(wte), fake.asarray(wpe))
+    got = ops.embedding_backward(fake.asarray(dout), gpu_cache)
+    for g, w in zip(got, want):
+        assert type(g) is stand_in_gpu.DeviceArray
+        np.testing.assert_allclose(g.view(np.ndarray), w, rtol=1e-12, atol=1e-12)
+    assert np.all(got[0][6:].view(np.ndarray) == 0.0)

@@ -12,11 +12,13 @@ import pytest
 from npgpt.trainconfig import PRESETS, TrainConfig
 from npgpt.training import Trainer
 from stand_in_gpu import DeviceArray, HostRead, install, no_host_reads
+from test_training import run_until, tiny
 
 
-@pytest.fixture
-def fake_gpu(monkeypatch):
-    return install(monkeypatch)
+@pytest.fixture(params=["plain", "fused"])
+def fake_gpu(request, monkeypatch):
+    """The stand-in GPU, running the plain array code or the fused kernels (emulated)."""
+    return install(monkeypatch, fused=request.param == "fused")
 
 
 def make_trainer(tmp_path, corpus, **kw):
@@ -44,7 +46,8 @@ def test_a_training_step_never_reads_the_device(fake_gpu, tmp_path, corpus, grad
     assert 2.0 < trainer.read_loss(loss) < 5.0
 
 
-def test_the_guard_catches_reads_hidden_in_code(fake_gpu):
+def test_the_guard_catches_reads_hidden_in_code(monkeypatch):
+    fake_gpu = install(monkeypatch)
     x = fake_gpu.ones((2, 3), dtype=np.float32)
     with no_host_reads():
         total = (x * 2).sum()  # still on the "device"
@@ -57,10 +60,12 @@ def test_the_guard_catches_reads_hidden_in_code(fake_gpu):
                 pass
 
 
-def test_the_gpu_branches_compute_what_the_cpu_ones_do(monkeypatch, tmp_path, corpus):
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_gpu_branches_compute_what_the_cpu_ones_do(monkeypatch, tmp_path, corpus, fused):
     # where ops take another path on a GPU (row and column sums as reductions, not BLAS
-    # products with a ones vector), the stand-in device runs it with NumPy's arithmetic
-    install(monkeypatch)
+    # products with a ones vector; the embedding's gradient summed in a fixed order, not
+    # by add.at), the stand-in device runs it with NumPy's arithmetic; fused: the kernels
+    install(monkeypatch, fused=fused)
     cpu = make_trainer(tmp_path / "cpu", corpus, device="cpu")
     gpu = make_trainer(tmp_path / "gpu", corpus)
     assert type(cpu.model.params.flat) is np.ndarray
@@ -69,3 +74,22 @@ def test_the_gpu_branches_compute_what_the_cpu_ones_do(monkeypatch, tmp_path, co
         cpu.train_step(), gpu.train_step()
     np.testing.assert_allclose(gpu.model.params.flat.view(np.ndarray), cpu.model.params.flat,
                                rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_resume_on_the_gpu_is_bit_identical(monkeypatch, tmp_path, corpus, fused):
+    """Ctrl-C or a crash, then --resume, on the GPU's code paths: the same bits as a run
+    that was never interrupted. (On a real GPU this needs every sum in a fixed order: the
+    stand-in's add.at raises, so the embedding's gradient cannot fall back to atomics.)"""
+    install(monkeypatch, fused=fused)
+    cfg = dict(dropout=0.1, max_iters=8, batch_size=4, eval_iters=1, device="gpu")
+    straight = Trainer(tiny(tmp_path / "a", corpus, **cfg), progress=False, out=lambda *_: None)
+    straight.run()
+    interrupted = tiny(tmp_path / "b", corpus, **cfg)
+    run_until(interrupted, 7)  # a crash after 7 steps: the last checkpoint is iteration 5
+    resumed = Trainer(interrupted, resume=True, progress=False, out=lambda *_: None)
+    assert resumed.iter == 5
+    resumed.run()
+    assert type(resumed.model.params.flat) is DeviceArray
+    np.testing.assert_array_equal(resumed.model.params.flat.view(np.ndarray),
+                                  straight.model.params.flat.view(np.ndarray))

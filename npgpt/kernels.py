@@ -1,0 +1,220 @@
+"""Fused CUDA kernels (kernels.cu) behind the same signatures as the ops they replace.
+
+On a GPU the plain array code of ops.py makes one pass over memory per NumPy-style
+expression: LayerNorm's forward is about ten, a softmax four. Each kernel here does the
+same math in one pass (its formula is written above it in kernels.cu, and
+tests/test_kernels.py checks it against the plain op). `fused_ops(xp, dtype)` hands a
+model either ops.py itself or a namespace where these functions stand in for the plain
+ones, signature for signature; the model chooses once, when its parameters are
+allocated, and float64 models and CPU models always get the plain code.
+
+Status: the kernels have run in tests/emulated_cuda.py's emulator (g++ on the CPU), not
+yet on a GPU, so they are opt-in: NPGPT_FUSED=1 turns them on for --device gpu.
+
+The kernels are compiled by `xp.RawModule` of the arrays' own module (CuPy, or the test
+suite's stand-in), once per module. Arguments go to a kernel as raw bytes, so every
+scalar is a NumPy scalar of the kernel's C type (np.int32 for int, np.int64 for long
+long, np.float32 for float): a Python int would arrive as 64 bits.
+"""
+import functools
+import math
+import os
+import types
+from pathlib import Path
+
+import numpy as np
+
+from . import ops
+from .backend import get_xp
+from .ops import FRESH
+
+SOURCE = Path(__file__).with_name("kernels.cu")
+WARPS = 4            # row kernels: warps (rows) per block of 128 threads
+THREADS = 256        # flat kernels: threads per block
+MAX_BLOCKS = 1 << 16  # flat kernels loop over the rest (grid-stride)
+
+
+def requested():
+    """NPGPT_FUSED=1 asks for the fused kernels on the GPU (off until they have run on one)."""
+    return os.environ.get("NPGPT_FUSED", "0") == "1"
+
+
+def applies(xp, dtype):
+    """Whether arrays of `dtype` on `xp` use the fused kernels: a GPU, float32, requested."""
+    return xp is not np and np.dtype(dtype) == np.float32 and requested()
+
+
+def fused_ops(xp, dtype):
+    """The op functions a model on `xp` with parameters of `dtype` calls: this module's
+    fused ones where they apply, else ops.py's."""
+    if not applies(xp, dtype):
+        return ops
+    names = {n: getattr(ops, n) for n in dir(ops) if not n.startswith("_")}
+    return types.SimpleNamespace(**{**names, **FUSED})
+
+
+@functools.lru_cache(maxsize=4)
+def _module(xp):
+    return xp.RawModule(code=SOURCE.read_text(), options=("--std=c++17",))
+
+
+def _rows(name, xp, rows, *args):
+    """Launch a row kernel: one warp per row."""
+    kernel = _module(xp).get_function(name)
+    kernel((max(1, math.ceil(rows / WARPS)),), (32 * WARPS,), args)
+
+
+def _flat(name, xp, n, *args):
+    """Launch a flat kernel: one thread per element, at most MAX_BLOCKS blocks."""
+    kernel = _module(xp).get_function(name)
+    kernel((max(1, min(math.ceil(n / THREADS), MAX_BLOCKS)),), (THREADS,), args)
+
+
+def _contiguous(a):
+    return get_xp(a).ascontiguousarray(a)
+
+
+# ----------------------------------------------------------------------------
+# LayerNorm
+
+
+def layernorm_forward(x, w, b, eps=1e-5, ws=FRESH):
+    """ops.layernorm_forward in one kernel: the same (out, (xhat, rstd, w))."""
+    xp, x = get_xp(x), _contiguous(x)
+    C = x.shape[-1]
+    rows = x.size // C
+    out, xhat = ws("out", x.shape, x), ws("xhat", x.shape, x)
+    rstd = ws("rstd", x.shape[:-1] + (1,), x)
+    _rows("layernorm_forward", xp, rows, x, _contiguous(w), _contiguous(b), out, xhat, rstd,
+          np.int32(rows), np.int32(C), np.float32(eps))
+    return out, (xhat, rstd, w)
+
+
+def layernorm_backward(dout, cache, ws=FRESH):
+    """ops.layernorm_backward: dx in one kernel; dw, db as column reductions."""
+    xhat, rstd, w = cache
+    xp, dout = get_xp(dout), _contiguous(dout)
+    C = xhat.shape[-1]
+    rows = xhat.size // C
+    dx = ws("dx", xhat.shape, dout)
+    _rows("layernorm_backward", xp, rows, dout, xhat, rstd, _contiguous(w), dx,
+          np.int32(rows), np.int32(C))
+    db = dout.reshape(-1, C).sum(axis=0)
+    dw = xp.multiply(dout, xhat, out=ws("tmp", xhat.shape, dout)).reshape(-1, C).sum(axis=0)
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------
+# GELU
+
+
+def gelu_forward(x, ws=FRESH):
+    """ops.gelu_forward in one kernel (the same cache: x and out)."""
+    xp, x = get_xp(x), _contiguous(x)
+    out = ws("out", x.shape, x)
+    _flat("gelu_forward", xp, x.size, x, out, np.int64(x.size))
+    return out, (x, out)
+
+
+def gelu_backward(dout, cache, ws=FRESH):
+    """ops.gelu_backward in one kernel (recomputes tanh from x)."""
+    x, _ = cache
+    xp, dout = get_xp(dout), _contiguous(dout)
+    dx = ws("dx", x.shape, dout)
+    _flat("gelu_backward", xp, x.size, dout, x, dx, np.int64(x.size))
+    return (dx,)
+
+
+# ----------------------------------------------------------------------------
+# attention: ops.attention_forward / backward with their softmax steps fused
+
+
+def causal_softmax(att, ws=FRESH):
+    """ops.causal_softmax in one kernel, in place on att (B,nh,T,T), contiguous."""
+    T = att.shape[-1]
+    rows = att.size // T
+    _rows("causal_softmax", get_xp(att), rows, att, np.int32(rows), np.int32(T))
+    return att
+
+
+def causal_softmax_backward(ds, att, rowdot, att_mask):
+    """ops.causal_softmax_backward in one kernel, in place on ds (B,nh,T,T). rowdot is
+    the transposed (B,T,nh,1) row-sum array that attention_backward hands over."""
+    B, nh, T, _ = att.shape
+    xp = get_xp(ds)
+    rowdot_btn = _contiguous(rowdot.transpose(0, 2, 1, 3))  # (B,nh,T,1) -> (B,T,nh,1)
+    mask = xp.zeros(1, att.dtype) if att_mask is None else _contiguous(att_mask)  # (unread)
+    _flat("causal_softmax_backward", xp, ds.size, ds, att, rowdot_btn, mask,
+          np.int32(att_mask is not None), np.int64(ds.size), np.int32(T), np.int32(nh))
+    return ds
+
+
+attention_forward = functools.partial(ops.attention_forward, softmax=causal_softmax)
+attention_backward = functools.partial(ops.attention_backward,
+                                       softmax_backward=causal_softmax_backward)
+
+
+# ----------------------------------------------------------------------------
+# softmax cross-entropy
+
+
+def cross_entropy_forward(logits, targets, ignore_index=-1, ws=FRESH):
+    """ops.cross_entropy_forward: probabilities and each row's loss in one kernel."""
+    xp, logits = get_xp(logits), _contiguous(logits)
+    V = logits.shape[-1]
+    rows = logits.size // V
+    t = xp.asarray(targets.reshape(-1), dtype=xp.int64)  # (N,) as the kernel's long long
+    probs = ws("probs", (rows, V), logits)
+    nll = ws("nll", (rows,), logits)
+    _rows("cross_entropy_forward", xp, rows, logits, t, probs, nll, np.int32(rows),
+          np.int32(V), np.int64(ignore_index))
+    count = (t != ignore_index).sum().astype(logits.dtype)  # positions that carry a target
+    loss = nll.sum() / count
+    return loss, (probs, t, count, ignore_index, logits.shape)
+
+
+def cross_entropy_backward(dloss, cache, ws=FRESH):
+    """ops.cross_entropy_backward in one kernel."""
+    probs, t, count, ignore_index, shape = cache
+    xp = get_xp(probs)
+    scale = xp.asarray(dloss / count, dtype=probs.dtype).reshape(1)  # stays on the device
+    dlogits = ws("dlogits", probs.shape, probs)
+    _flat("cross_entropy_backward", xp, probs.size, probs, t, scale, dlogits,
+          np.int64(probs.size), np.int32(probs.shape[1]), np.int64(ignore_index))
+    return (dlogits.reshape(shape),)
+
+
+FUSED = {"layernorm_forward": layernorm_forward, "layernorm_backward": layernorm_backward,
+         "gelu_forward": gelu_forward, "gelu_backward": gelu_backward,
+         "attention_forward": attention_forward, "attention_backward": attention_backward,
+         "cross_entropy_forward": cross_entropy_forward,
+         "cross_entropy_backward": cross_entropy_backward}
+
+
+# ----------------------------------------------------------------------------
+# AdamW (used by optim.AdamW on a fused buffer)
+
+
+def adamw_runs(decay_spans, size):
+    """[(start, stop, decays)] covering 0..size: the stretches of the flat buffer that
+    AdamW updates with one launch each (decays: weight decay applies there)."""
+    runs, pos = [], 0
+    for span in decay_spans:
+        if span.start > pos:
+            runs.append((pos, span.start, False))
+        runs.append((span.start, span.stop, True))
+        pos = span.stop
+    if pos < size:
+        runs.append((pos, size, False))
+    return runs
+
+
+def adamw_update(p, g, m, v, runs, lr, betas, eps, weight_decay, bias1, bias2_sqrt):
+    """optim.AdamW's update of one flat float32 buffer, one kernel launch per run."""
+    xp = get_xp(p)
+    b1, b2 = (np.float32(b) for b in betas)
+    for start, stop, decays in runs:
+        decay = 1.0 - lr * weight_decay if decays else 1.0
+        _flat("adamw", xp, stop - start, p[start:stop], g[start:stop], m[start:stop],
+              v[start:stop], np.int64(stop - start), np.float32(decay), b1, b2,
+              np.float32(eps), np.float32(lr / bias1), np.float32(1.0 / bias2_sqrt))

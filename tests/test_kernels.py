@@ -1,0 +1,220 @@
+"""The fused CUDA kernels (npgpt/kernels.cu) against the plain ops they replace.
+
+Each case runs on two devices: "emulated" compiles kernels.cu with g++ against the CUDA
+emulator of emulated_cuda.py (every machine with a C++ compiler, so CI runs every kernel),
+and "cuda" on a real GPU through CuPy (skipped without one). The reference is the plain
+op in float64 on the CPU; the kernels compute in float32, so results agree to float32
+rounding (relative 1e-5 of each array's scale).
+"""
+import inspect
+
+import numpy as np
+import pytest
+
+import stand_in_gpu
+from npgpt import GPT, AdamW, GPTConfig, kernels, ops
+from npgpt.backend import gpu_available, to_numpy
+from npgpt.params import FlatDict, gpt2_param_shapes
+
+rng = np.random.default_rng(0)
+
+
+@pytest.fixture(params=["emulated", "cuda"])
+def xp(request, monkeypatch):
+    """The array module whose float32 arrays run the fused kernels."""
+    if request.param == "emulated":
+        return stand_in_gpu.install(monkeypatch, fused=True)
+    if not gpu_available():
+        pytest.skip("no CuPy-visible NVIDIA GPU here")
+    import cupy
+    monkeypatch.setenv("NPGPT_FUSED", "1")
+    return cupy
+
+
+def f32(xp, a):
+    """a (float64, NumPy) as a float32 array on xp's device."""
+    return xp.asarray(np.asarray(a, dtype=np.float32))
+
+
+def assert_matches(got, want, rel=1e-5):
+    """got (device, float32) equals want (float64) to float32 rounding of want's scale."""
+    got = to_numpy(got)
+    assert got.dtype == np.float32
+    scale = max(float(np.abs(want).max()), 1e-30)
+    np.testing.assert_allclose(got, want, rtol=0, atol=rel * scale)
+
+
+def as64(a):
+    """The float64 values of a float32 array (the plain op's exact input)."""
+    return to_numpy(a).astype(np.float64)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 33), (2, 7, 100), (1, 1, 7), (4, 3, 384)])
+def test_layernorm(xp, shape):
+    C = shape[-1]
+    x, w, b = f32(xp, rng.standard_normal(shape) * 3 + 1), f32(xp, rng.standard_normal(C)), \
+        f32(xp, rng.standard_normal(C))
+    dout = f32(xp, rng.standard_normal(shape))
+    out, cache = kernels.layernorm_forward(x, w, b)
+    ref, ref_cache = ops.layernorm_forward(as64(x), as64(w), as64(b))
+    assert_matches(out, ref)
+    assert_matches(cache[0], ref_cache[0])                      # xhat
+    assert cache[1].shape == ref_cache[1].shape == shape[:-1] + (1,)
+    assert_matches(cache[1], ref_cache[1])                      # rstd
+    for got, want in zip(kernels.layernorm_backward(dout, cache),
+                         ops.layernorm_backward(as64(dout), ref_cache)):
+        assert got.shape == want.shape
+        assert_matches(got, want)
+
+
+def test_gelu(xp, monkeypatch):
+    monkeypatch.setattr(kernels, "MAX_BLOCKS", 2)  # 1001 elements > 2 blocks: the stride loop
+    x = f32(xp, np.concatenate([rng.standard_normal(990) * 3, [-12, -6, -1e-3, 0, 1e-3, 6, 12,
+                                                                 40, -40, 3.5, -3.5]]))
+    dout = f32(xp, rng.standard_normal(x.shape))
+    out, cache = kernels.gelu_forward(x)
+    ref, ref_cache = ops.gelu_forward(as64(x))
+    assert_matches(out, ref)
+    assert_matches(kernels.gelu_backward(dout, cache)[0],
+                   ops.gelu_backward(as64(dout), ref_cache)[0])
+
+
+@pytest.mark.parametrize("T", [1, 5, 37, 70])
+def test_causal_softmax_masks_the_future_exactly(xp, T):
+    s = rng.standard_normal((2, 3, T, T)) * 4
+    s[0, 0, -1, 0] = -1000.0   # a huge negative score: weight 0, row still normalised
+    s[1, 2, -1, -1] = 1000.0   # a huge positive one: weight 1, no overflow
+    att = kernels.causal_softmax(f32(xp, s))
+    ref = ops.causal_softmax(s.astype(np.float32).astype(np.float64))
+    assert_matches(att, ref)
+    got = to_numpy(att)
+    future = np.triu(np.ones((T, T), dtype=bool), k=1)
+    assert np.all(got[..., future] == 0.0)
+    np.testing.assert_allclose(got.sum(-1), 1.0, rtol=1e-6)
+    assert np.isfinite(got).all()
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_attention(xp, dropout):
+    B, T, nh, hs = 2, 35, 3, 8
+    qkv = f32(xp, rng.standard_normal((B, T, 3 * nh * hs)))
+    dy = f32(xp, rng.standard_normal((B, T, nh * hs)))
+    mask = None
+    if dropout:
+        mask = (rng.random((B, nh, T, T)) >= 0.2) / 0.8
+    y, cache = kernels.attention_forward(qkv, nh, None if mask is None else f32(xp, mask))
+    ref, ref_cache = ops.attention_forward(as64(qkv), nh, mask)
+    assert_matches(y, ref)
+    (dqkv,) = kernels.attention_backward(dy, cache)
+    (ref_dqkv,) = ops.attention_backward(as64(dy), ref_cache)
+    assert_matches(dqkv, ref_dqkv)
+
+
+def test_softmax_backward_gives_masked_entries_exactly_zero(xp):
+    T = 9
+    att = kernels.causal_softmax(f32(xp, rng.standard_normal((1, 2, T, T))))
+    ds = f32(xp, rng.standard_normal((1, 2, T, T)))
+    rowdot = f32(xp, rng.standard_normal((1, T, 2, 1))).transpose(0, 2, 1, 3)
+    got = to_numpy(kernels.causal_softmax_backward(ds, att, rowdot, None))
+    assert np.all(got[..., np.triu(np.ones((T, T), dtype=bool), k=1)] == 0.0)
+
+
+@pytest.mark.parametrize("V, tdtype", [(70, np.int64), (5, np.int32), (65, np.uint16)])
+def test_cross_entropy(xp, V, tdtype):
+    logits = rng.standard_normal((3, 11, V)) * 2
+    logits[0, 0, 1] = -1000.0            # stability: a very unlikely token
+    logits[0, 1, 2] = 1000.0             # and a certain one
+    targets = rng.integers(0, V, (3, 11))
+    targets[0, :2] = [1, 2]
+    if tdtype != np.uint16:
+        targets[1, 3:6] = -1             # ignored positions
+    loss, cache = kernels.cross_entropy_forward(f32(xp, logits), xp.asarray(targets.astype(tdtype)))
+    ref, ref_cache = ops.cross_entropy_forward(logits.astype(np.float32).astype(np.float64),
+                                               targets)
+    assert loss.shape == () and to_numpy(loss).dtype == np.float32
+    assert float(to_numpy(loss)) == pytest.approx(float(ref), rel=1e-5)
+    (dlogits,) = kernels.cross_entropy_backward(1.0, cache)
+    (ref_d,) = ops.cross_entropy_backward(1.0, ref_cache)
+    assert_matches(dlogits, ref_d)
+    if tdtype != np.uint16:
+        assert np.all(to_numpy(dlogits)[1, 3:6] == 0.0)
+
+
+def test_adamw_kernel_matches_the_plain_update(xp, monkeypatch):
+    cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8)
+    fused = GPT(cfg, seed=1, device="gpu")
+    plain = GPT(cfg, seed=1)
+    opt_fused, opt_plain = AdamW(fused.params, lr=1e-2), AdamW(plain.params, lr=1e-2)
+    assert opt_fused.fused and not opt_plain.fused
+    # stretches alternate between decayed matrices and undecayed vectors, covering the buffer
+    runs = opt_fused.fused["*"]
+    assert runs[0][0] == 0 and runs[-1][1] == fused.params.flat.size
+    assert all(a[1] == b[0] and a[2] != b[2] for a, b in zip(runs, runs[1:]))
+    for step in range(3):
+        g = rng.standard_normal(plain.grads.flat.shape).astype(np.float32) * 0.01
+        plain.grads.flat[...] = g
+        fused.grads.flat[...] = xp.asarray(g)
+        opt_plain.step(plain.grads, lr=1e-2 / (step + 1))
+        opt_fused.step(fused.grads, lr=1e-2 / (step + 1))
+    np.testing.assert_allclose(to_numpy(fused.params.flat), plain.params.flat, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(to_numpy(opt_fused.v["*"]), opt_plain.v["*"], rtol=1e-5, atol=1e-12)
+
+
+CFG = GPTConfig(vocab_size=37, block_size=40, n_layer=2, n_head=2, n_embd=64, dropout=0.1)
+
+
+def test_the_fused_model_has_the_float64_models_gradients(xp):
+    """Through the whole model (T = 36 > 32 lanes, C = 64): the fused float32 gradients
+    equal the float64 model's (which test_model gradient-checks) to float32 rounding."""
+    idx = rng.integers(0, CFG.vocab_size, (3, 37))
+    fused = GPT(CFG, seed=2, device="gpu")
+    assert fused.ops is not ops and fused.ops.layernorm_forward is kernels.layernorm_forward
+    exact = GPT(CFG, seed=2, dtype="float64")
+    exact.params.flat[...] = to_numpy(fused.params.flat)
+    losses = [m.forward(idx[:, :-1], idx[:, 1:])[1] for m in (fused, exact)]
+    assert float(to_numpy(losses[0])) == pytest.approx(float(losses[1]), rel=1e-5)
+    grads = FlatDict(to_numpy(fused.backward().flat), gpt2_param_shapes(CFG))
+    for name, want in exact.backward().items():  # each tensor against its own scale
+        np.testing.assert_allclose(grads[name], want, rtol=0, atol=1e-4 * np.abs(want).max(),
+                                   err_msg=name)
+
+
+def test_fused_and_plain_gpu_models_agree_with_dropout(xp, monkeypatch):
+    """With dropout on, fused and plain models on the GPU draw the same masks (the model's
+    own stream), so their gradients agree to float32 rounding. (AdamW is compared from the
+    same gradients above: Adam turns last-bit differences of near-zero gradients into
+    whole steps.)"""
+    idx = rng.integers(0, CFG.vocab_size, (3, 37))
+    monkeypatch.setenv("NPGPT_FUSED", "0")
+    plain = GPT(CFG, seed=3, device="gpu")
+    monkeypatch.setenv("NPGPT_FUSED", "1")
+    fused = GPT(CFG, seed=3, device="gpu")
+    assert plain.ops is ops and fused.ops is not ops
+    for _ in range(2):  # the second pass draws new masks
+        losses = [float(to_numpy(m.forward(idx[:, :-1], idx[:, 1:], train=True)[1]))
+                  for m in (plain, fused)]
+        assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+        plain.backward(accumulate=True), fused.backward(accumulate=True)
+        for name, want in plain.grads.items():
+            want = to_numpy(want)
+            np.testing.assert_allclose(to_numpy(fused.grads[name]), want, rtol=0,
+                                       atol=1e-4 * np.abs(want).max(), err_msg=name)
+
+
+def test_fused_ops_replace_the_plain_ones_signature_for_signature(monkeypatch):
+    monkeypatch.setenv("NPGPT_FUSED", "1")
+    fake = stand_in_gpu.FakeCuPy()
+    table = kernels.fused_ops(fake, "float32")
+    def called_with(fn):  # what the layers pass: (name, default) of each positional
+        return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()
+                if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+
+    for name, fn in kernels.FUSED.items():
+        assert getattr(table, name) is fn
+        assert called_with(fn) == called_with(getattr(ops, name)), name
+    assert table.linear_forward is ops.linear_forward
+    # the plain code wherever the kernels do not apply
+    assert kernels.fused_ops(np, "float32") is ops
+    assert kernels.fused_ops(fake, "float64") is ops
+    monkeypatch.setenv("NPGPT_FUSED", "0")
+    assert kernels.fused_ops(fake, "float32") is ops
