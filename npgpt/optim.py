@@ -39,10 +39,6 @@ class AdamW:
         self.eps, self.weight_decay, self.t = eps, weight_decay, 0
         self.m = {n: get_xp(p).zeros_like(p) for n, p in _buffers(params)}
         self.v = {n: get_xp(p).zeros_like(p) for n, p in _buffers(params)}
-        self.scratch = {}  # per dtype: as long as the longest stretch updated at a time
-        for _, p in _buffers(params):
-            size = max(min(p.size, CHUNK), len(self.scratch.get(p.dtype, ())))
-            self.scratch[p.dtype] = get_xp(p).empty(size, dtype=p.dtype)
         # weight decay applies to matrices (ndim >= 2) only, not to biases / LayerNorm:
         # per buffer, the slices that hold matrices
         self.decay = {}
@@ -54,6 +50,11 @@ class AdamW:
         # on a GPU, a float32 flat buffer is updated by one fused kernel per stretch
         self.fused = {n: kernels.adamw_runs(self.decay[n], p.size) for n, p in _buffers(params)
                       if n == "*" and kernels.applies(get_xp(p), p.dtype)}
+        self.scratch = {}  # per dtype: as long as the longest stretch updated at a time
+        for n, p in _buffers(params):
+            if n not in self.fused:  # (a kernel needs none)
+                size = max(min(p.size, CHUNK), len(self.scratch.get(p.dtype, ())))
+                self.scratch[p.dtype] = get_xp(p).empty(size, dtype=p.dtype)
 
     def step(self, grads, lr=None):
         """One update of every parameter in place; `lr` overrides the default for this step."""
