@@ -8,9 +8,8 @@
 
 A checkpoint is written at every eval and at the end (and on Ctrl-C). It holds all
 state a run depends on (parameters, AdamW moments and step, the iteration, the batch
-and dropout streams), so a resumed run continues bit-identically on the CPU (on a GPU,
-the embedding gradient's atomic adds sum in a varying order, so runs differ in the last
-bits).
+and dropout streams), so a resumed run continues bit-identically, on the CPU and on a GPU
+(where every sum is taken in a fixed order: see ops.embedding_backward).
 
 Under mpiexec the same loop runs data-parallel on every rank (comm, see distributed.py):
 each rank takes its slice of the global batch, the gradients are averaged by one
