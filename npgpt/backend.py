@@ -101,10 +101,15 @@ class RandomStream:
     therefore (key, n): a few integers that a checkpoint stores as JSON, where CuPy's
     generators expose no state to save. A resumed run draws exactly the masks an
     uninterrupted one would, on either device (the bits differ between NumPy and CuPy).
+
+    A worker that holds rows [start, stop) of a batch of `total` rows sets
+    rows = (start, stop, total): it then draws every mask for the whole batch and keeps
+    its rows, so the masks do not depend on how the batch is split (parallel.py).
     """
 
     def __init__(self, xp, key):
         self.xp, self.key, self.calls, self._gen = xp, [int(k) for k in key], 0, None
+        self.rows = None
 
     def next_pass(self):
         """Start the next training forward pass's masks."""
@@ -121,7 +126,10 @@ class RandomStream:
                 # GPU's SM count (CuPy reduces the seed to 32 bits)
                 self._gen = self.xp.random.Generator(
                     self.xp.random.Philox4x3210(seed, size=CUPY_RNG_STATES))
-        return self._gen.random(shape, dtype=dtype)
+        if self.rows is None:
+            return self._gen.random(shape, dtype=dtype)
+        start, stop, total = self.rows  # shape[0]: this worker's rows of the batch
+        return self._gen.random((total,) + tuple(shape[1:]), dtype=dtype)[start:stop]
 
     def state(self):
         return {"key": self.key, "calls": self.calls}

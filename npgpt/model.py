@@ -74,10 +74,15 @@ class GPT:
             flat = xp.asarray(init_gpt2(shapes, config.n_layer, init_seed, self.dtype))
         else:
             flat = xp.zeros(flat_size(shapes), dtype=self.dtype)
-        self.params = FlatDict(flat, shapes)
-        self.grads = FlatDict(xp.zeros_like(flat), shapes)
         # the model's own dropout randomness: a JSON state, the same on either device
-        self.rng = RandomStream(xp, dropout_seed.generate_state(2).tolist())
+        self._build(FlatDict(flat, shapes),
+                    RandomStream(xp, dropout_seed.generate_state(2).tolist()))
+
+    def _build(self, params, rng):
+        """Gradients, layers and workspaces around `params` (a FlatDict)."""
+        xp, config = get_xp(params.flat), self.config
+        self.params, self.rng = params, rng
+        self.grads = FlatDict(xp.zeros_like(params.flat), gpt2_param_shapes(config))
         p, g = self.params, self.grads
         self.ops = kernels.fused_ops(xp, self.dtype)  # ops.py, or fused kernels on a GPU
         vocab_ws = ops.Workspace()  # the (V, C) scratch of the embedding and the tied head
@@ -89,6 +94,15 @@ class GPT:
         self.ln_f = LayerNorm(p, g, "transformer.ln_f", ops=self.ops)
         self.head = TiedHead(p, g, vocab_ws)
         self._loss_ws, self._loss_cache = ops.Workspace(), None
+
+    def replica(self):
+        """A model that shares this one's parameters (the same buffer: an update of either
+        is an update of both) with gradients, activations, workspaces and a dropout stream
+        of its own: a data-parallel worker (see parallel.py)."""
+        twin = object.__new__(GPT)
+        twin.config, twin.dtype, twin.device = self.config, self.dtype, self.device
+        twin._build(self.params, RandomStream(self.xp, self.rng.key))
+        return twin
 
     @property
     def xp(self):
@@ -156,16 +170,17 @@ class GPT:
     def zero_grad(self):
         self.grads.flat.fill(0)
 
-    def backward(self, accumulate=False):
+    def backward(self, accumulate=False, dloss=1.0):
         """Gradients of the last forward's loss into `self.grads` (returned).
 
         accumulate=False starts from zero; accumulate=True adds to what is there (for
-        gradient accumulation over micro-batches)."""
+        gradient accumulation over micro-batches). dloss: the gradient of the objective
+        with respect to this loss (a worker's share of a batch weighs its mean loss)."""
         if self._loss_cache is None:
             raise RuntimeError("backward() needs a forward(idx, targets) with targets first")
         if not accumulate:
             self.zero_grad()
-        (dlogits,) = self.ops.cross_entropy_backward(1.0, self._loss_cache, self._loss_ws)
+        (dlogits,) = self.ops.cross_entropy_backward(dloss, self._loss_cache, self._loss_ws)
         dx = self.ln_f.backward(self.head.backward(dlogits))
         for block in reversed(self.blocks):
             dx = block.backward(dx)

@@ -8,6 +8,7 @@ import inspect
 from dataclasses import dataclass, fields
 
 from .errors import NpgptError
+from .parallel import resolve_workers
 
 
 @dataclass
@@ -45,6 +46,7 @@ class TrainConfig:
     device: str = "cpu"             # 'cpu', 'gpu' (CuPy) or 'auto' (GPU when CuPy sees one)
     dtype: str = "float32"          # 'float32' or 'float64'
     tf32: bool = False              # GPU only: TF32 matrix products (faster; inputs rounded to 10 mantissa bits)
+    workers: str = "auto"           # CPU threads that split each batch by rows: 'auto' (one per core) or a count
 
     def validate(self):
         """Raise NpgptError naming the first impossible setting."""
@@ -72,6 +74,10 @@ class TrainConfig:
              "--tf32 applies to float32 matrix products on a GPU: use it with --device gpu "
              "(or auto) and --dtype float32"),
         ]
+        try:
+            resolve_workers(self.workers, self.batch_size, "cpu")
+        except ValueError as e:
+            raise NpgptError(str(e)) from None
         for ok, message in checks:
             if not ok:
                 raise NpgptError(message)

@@ -31,6 +31,7 @@ from .distributed import Group, param_checksum
 from .errors import CheckpointError, NpgptError
 from .model import GPT, GPTConfig
 from .optim import AdamW, clip_grad_norm
+from .parallel import Workers, resolve_workers
 from .tokenizers import build_tokenizer, tokenizer_from_json
 from .trainconfig import MODEL_FIELDS, TrainConfig
 from .trainlog import TrainLog
@@ -119,6 +120,13 @@ class Trainer:
             self._restore(extra)
         if comm.size > 1:
             self._join_ranks()
+        try:  # threads that split each batch by rows (parallel.py)
+            n_workers = resolve_workers(cfg.workers, cfg.batch_size, self.model.device)
+        except ValueError as e:
+            raise NpgptError(str(e)) from None
+        self.workers = Workers(self.model, n_workers)
+        if resume:
+            self._note_worker_change(extra)
         self.stop_requested = False
 
     # ------------------------------------------------------------------ setup
@@ -179,6 +187,14 @@ class Trainer:
                      f"{self.comm.size}: the batch split changed, so batches (and dropout masks) "
                      "differ from here on; parameters and optimizer state continue")
 
+    def _note_worker_change(self, extra):
+        saved = extra.get("workers", 1)
+        if saved != self.workers.n:
+            self.out(f"the checkpoint was written with {saved} worker thread(s), this run has "
+                     f"{self.workers.n}: the same batches and dropout masks, but the gradient is "
+                     "summed in another grouping, so the last bits differ from an uninterrupted "
+                     f"run from here on (--workers {saved} keeps it bit-identical)")
+
     def _join_ranks(self):
         """Give each rank its own dropout stream (rank 0 keeps the model's, so one rank is
         exactly one process), then stop unless every rank has the same config, data,
@@ -204,6 +220,7 @@ class Trainer:
              optim_t=opt["t"], iter=self.iter, best_val_loss=self.best_val_loss,
              elapsed_s=self.elapsed, batch_rng=self.batch_rng.bit_generator.state,
              dropout_rng=self.model.rng.state(), world_size=self.comm.size,
+             workers=self.workers.n,
              train_config=asdict(self.cfg), tokenizer=self.tokenizer.to_json())
 
     # ------------------------------------------------------------- one step
@@ -221,10 +238,8 @@ class Trainer:
         lr = get_lr(self.iter, cfg)
         losses = []
         for micro in range(cfg.grad_accum):
-            x, y = self.batch("train", self.batch_rng)
-            _, loss = model.forward(x, y, train=True)
-            losses.append(loss)
-            model.backward(accumulate=micro > 0)
+            x, y = self.batch("train", self.batch_rng)  # forward + backward on the workers
+            losses.append(self.workers.forward_backward(x, y, accumulate=micro > 0))
         if cfg.grad_accum > 1:
             model.grads.flat *= 1.0 / cfg.grad_accum  # mean over micro-batches
         self.comm.average_(model.grads.flat)  # mean over ranks: one all-reduce
@@ -251,7 +266,7 @@ class Trainer:
         rng = np.random.default_rng([self.cfg.seed, 1])
         result = {}
         for split in ("train", "val"):
-            losses = [self.model.forward(*self.batch(split, rng))[1]
+            losses = [self.workers.loss(*self.batch(split, rng))
                       for _ in range(self.cfg.eval_iters)]
             result[split] = self.read_loss(sum(losses) / len(losses), f"the {split} loss")
         return result
@@ -288,7 +303,10 @@ class Trainer:
                  + (f", resuming at iteration {resumed_at}" if self.resumed else "")
                  + (f"; data-parallel on {n} MPI ranks, global batch {n} x {cfg.batch_size} "
                     f"x {cfg.grad_accum} = {n * cfg.batch_size * cfg.grad_accum} sequences"
-                    if n > 1 else ""))
+                    if n > 1 else "")
+                 + (f"; {self.workers.n} worker threads{' per rank' if n > 1 else ''}, "
+                    f"{self.workers.blas_threads} BLAS thread(s) each"
+                    if self.workers.n > 1 else ""))
         note = auto_device_note(cfg.device, self.model.device)
         if note:
             self.out(note)

@@ -179,3 +179,21 @@ def test_ctrl_c_saves_and_resume_is_bit_identical_then_on_another_n(tmp_path, co
     assert "the batch split changed" in proc.stdout, proc.stdout
     _, extra = load(tmp_path / "b" / "out" / "ckpt.npz")
     assert extra["iter"] == 1010 and extra["world_size"] == 1
+
+
+@needs_mpi
+def test_ranks_times_workers_equal_one_process_with_the_global_batch(tmp_path, corpus):
+    """2 ranks x 2 worker threads at batch 4 each = one process, one worker, batch 8
+    (float64, so that only the sums' grouping differs)."""
+    args = [*TINY, "--max-iters", "20", "--eval-interval", "10", "--dtype", "float64",
+            "--data", str(corpus)]
+    (tmp_path / "one").mkdir()
+    (tmp_path / "four").mkdir()
+    train(*args, "--batch-size", "8", "--workers", "1", cwd=tmp_path / "one")
+    proc = train(*args, "--batch-size", "4", "--workers", "2", cwd=tmp_path / "four", ranks=2)
+    assert "2 worker threads per rank" in proc.stdout, proc.stdout
+    a, _ = load(tmp_path / "one" / "out" / "ckpt.npz")
+    b, extra = load(tmp_path / "four" / "out" / "ckpt.npz")
+    assert extra["iter"] == 20 and extra["world_size"] == 2 and extra["workers"] == 2
+    p, q = a.params.flat, b.params.flat
+    assert np.abs(q - p).max() <= 1e-9 * np.abs(p).max()
