@@ -1,19 +1,22 @@
 """Training-step speed of npgpt against PyTorch eager on the same model, side by side.
 
 One step = forward + backward + AdamW on a random (B, T) batch, float32. In one process,
-npgpt and two PyTorch eager models built from the same initial weights take turns on the
-same batches (the order rotates every step, so all three see the same machine load);
-after warm-up, the median of the timed steps is reported. Before each timed step of
-tiny and small, a 0.1 s pause lets the previous library's idle worker threads go to
-sleep and an untimed step on the same batch wakes the next one's (so neither pays for
-the other's thread pool). PyTorch runs nanoGPT's model:
-"sdpa" uses F.scaled_dot_product_attention(is_causal=True), "manual" the explicit
-softmax(q k^T) v that npgpt computes. Peak resident memory is measured in a fresh child
-process per framework (PyTorch's import alone is ~10x NumPy's, so the step's own memory
-is the peak minus the RSS after imports).
+npgpt (with its worker threads, --workers auto: one per core; and with one worker, to
+show what the threads give) and two PyTorch eager models built from the same initial
+weights take turns on the same batches: each runs a block of BLOCK consecutive steps, as
+a training loop runs them, with no pause in between (a pause lets BLAS's idle threads go
+to sleep and flatters the figure), and the order of the blocks rotates every round, so
+all of them see the same machine load. A block's first step is not timed (it pays for
+the previous library's threads still spinning); the median of the timed steps is
+reported. PyTorch runs nanoGPT's model: "sdpa" uses
+F.scaled_dot_product_attention(is_causal=True), "manual" the explicit softmax(q k^T) v
+that npgpt computes. Peak resident memory is measured in a fresh child process per
+framework (PyTorch's import alone is ~10x NumPy's, so the step's own memory is the peak
+minus the RSS after imports).
 
     python benchmarks/train_step.py                      # tiny, small, one lecture step
     python benchmarks/train_step.py --config small --steps 20
+    python benchmarks/train_step.py --loop               # the real loop: Trainer vs a torch loop
     python benchmarks/train_step.py --profile            # npgpt per-layer profile (small)
     python benchmarks/train_step.py --config gpt2-ft     # GPT-2 124M fine-tuning step, B 1, T 256
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/train_step.py
@@ -21,9 +24,13 @@ is the peak minus the RSS after imports).
     python benchmarks/train_step.py --device gpu --config lecture   # CuPy against CUDA
     python benchmarks/train_step.py --device gpu --tf32             # both with TF32 products
 
-With --device gpu npgpt runs on CuPy and PyTorch on CUDA, float32; each timed step ends
-by reading its loss (float(loss) / loss.item()), which waits for the device, so a step's
-time is its whole device time. Memory is measured on the CPU only.
+--loop times what `python train.py` runs: npgpt's Trainer (small preset, Tiny Shakespeare,
+its batches, clipping, schedule and logging) over 100 iterations, against a PyTorch loop
+over the same batches with the same clipping, schedule and AdamW.
+
+With --device gpu npgpt runs on CuPy (one worker) and PyTorch on CUDA, float32; each
+timed step ends by reading its loss (float(loss) / loss.item()), which waits for the
+device, so a step's time is its whole device time. Memory is measured on the CPU only.
 """
 import argparse
 import json
@@ -37,6 +44,7 @@ from common import np
 
 from npgpt import GPT, AdamW, GPTConfig
 from npgpt.errors import NpgptError
+from npgpt.parallel import Workers, resolve_workers
 
 CONFIGS = {  # name: (GPTConfig, batch size)
     "tiny": (GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=64), 8),
@@ -45,9 +53,10 @@ CONFIGS = {  # name: (GPTConfig, batch size)
     # fine-tuning GPT-2 124M at batch 1, context 256 (train.py --init-from): run by name only
     "gpt2-ft": (GPTConfig(vocab_size=50257, block_size=256, n_layer=12, n_head=12, n_embd=768), 1),
 }
-STEPS = {"tiny": 30, "small": 12, "lecture": 1, "gpt2-ft": 3}   # timed steps per framework
-WARMUP = {"tiny": 5, "small": 3, "lecture": 1, "gpt2-ft": 1}
-GPU_STEPS, GPU_WARMUP = 50, 5  # every config (the first CuPy steps compile its kernels)
+STEPS = {"tiny": 40, "small": 16, "lecture": 2, "gpt2-ft": 4}   # timed steps per framework
+WARMUP = {"tiny": 5, "small": 2, "lecture": 1, "gpt2-ft": 1}     # untimed steps first
+BLOCK = {"tiny": 9, "small": 5, "lecture": 3, "gpt2-ft": 3}      # consecutive steps per turn
+GPU_STEPS, GPU_WARMUP, GPU_BLOCK = 50, 5, 11  # (the first CuPy steps compile its kernels)
 BY_NAME_ONLY = ("gpt2-ft",)
 HP = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
@@ -59,13 +68,18 @@ def batches(cfg, B, n, seed=0):
         yield np.ascontiguousarray(data[:, :-1]), np.ascontiguousarray(data[:, 1:])
 
 
-def make_npgpt(cfg, device="cpu"):
+def make_npgpt(cfg, device="cpu", workers="auto"):
     model = GPT(cfg, seed=0, device=device)
     opt = AdamW(model.params, **HP)
+    pool = None  # built at the first step: its batch size decides "auto"
 
     def step(x, y):
-        _, loss = model.forward(x, y, train=True)
-        opt.step(model.backward())
+        nonlocal pool
+        if pool is None:
+            n = resolve_workers(workers, x.shape[0], device, x.shape[1] * cfg.n_embd)
+            pool = Workers(model, n)
+        loss = pool.forward_backward(x, y)
+        opt.step(model.grads)
         return float(loss)  # waits for the device, as PyTorch's loss.item()
     return model, opt, step
 
@@ -92,41 +106,90 @@ def make_torch(model, manual, device="cpu"):
 
 
 def time_config(name, steps, device="cpu"):
-    """Step times of npgpt and both PyTorch models (threads: main's set_threads)."""
+    """Step times of npgpt and both PyTorch models (threads: main's set_threads): rounds
+    of one block of consecutive steps per framework, the order rotating every round."""
     cfg, B = CONFIGS[name]
     model, _, np_step = make_npgpt(cfg, device)
-    runners = {"npgpt": np_step, "torch sdpa": make_torch(model, False, device),
-               "torch manual": make_torch(model, True, device)}
+    runners = {"npgpt": np_step}
+    if device == "cpu":
+        runners["npgpt 1 worker"] = make_npgpt(cfg, device, workers=1)[2]
+    runners.update({"torch sdpa": make_torch(model, False, device),
+                    "torch manual": make_torch(model, True, device)})
     names = list(runners)
     times = {n: [] for n in names}
     first_loss = {}
-    warmup = WARMUP[name] if device == "cpu" else GPU_WARMUP
-    for i, (x, y) in enumerate(batches(cfg, B, warmup + steps)):
-        order = names[i % 3:] + names[:i % 3]  # rotate who goes first
+    warmup, block = (WARMUP[name], BLOCK[name]) if device == "cpu" else (GPU_WARMUP, GPU_BLOCK)
+    data = list(batches(cfg, B, warmup + steps))
+    for n in names:  # the same first batches, untimed: a loss to compare, caches warm
+        for x, y in data[:warmup]:
+            first_loss.setdefault(n, runners[n](x, y))
+    timed = data[warmup:]
+    per_block = block - 1  # a block's first step is not timed
+    for r in range(0, len(timed), per_block):
+        order = names[r // per_block % len(names):] + names[:r // per_block % len(names)]
+        chunk = timed[r:r + per_block]
         for n in order:
-            if device == "cpu" and name in ("tiny", "small"):  # (a longer step needs no such care)
-                time.sleep(0.1)         # the other library's idle threads stop spinning,
-                runners[n](x, y)        # and an untimed step wakes this one's threads
-            t = time.perf_counter()
-            loss = runners[n](x, y)
-            dt = time.perf_counter() - t
-            first_loss.setdefault(n, loss)
-            if i >= warmup:
-                times[n].append(dt)
-    return cfg, B, times, first_loss, warmup
+            runners[n](*chunk[0])  # untimed: the previous library's threads settle
+            for x, y in chunk:
+                t = time.perf_counter()
+                runners[n](x, y)
+                times[n].append(time.perf_counter() - t)
+    return cfg, B, times, first_loss, warmup, block
+
+
+def loop_throughput(iters=100):
+    """ms per iteration of npgpt's Trainer (train.py's loop, small preset) and of a PyTorch
+    loop over the same batches with the same schedule, clipping and AdamW."""
+    import tempfile
+
+    import torch
+    from torch_gpt import TorchGPT
+
+    from npgpt.trainconfig import TrainConfig
+    from npgpt.training import Trainer, get_lr
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = TrainConfig(max_iters=iters, eval_interval=10 * iters, eval_iters=1,
+                          out_dir=out)
+        trainer = Trainer(cfg, progress=False, out=lambda *_: None)
+        tm = TorchGPT.from_npgpt(trainer.model)
+        opt = tm.adamw(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                       weight_decay=cfg.weight_decay)
+        rng = np.random.default_rng(cfg.seed)
+        t0 = time.perf_counter()
+        for it in range(iters):
+            x, y = trainer.batch("train", rng)
+            for group in opt.param_groups:
+                group["lr"] = get_lr(it, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss = tm(torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64)))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(tm.parameters(), cfg.grad_clip)
+            opt.step()
+            if it % cfg.log_interval == 0:
+                loss.item()
+        torch_ms = 1e3 * (time.perf_counter() - t0) / iters
+        summary = trainer.run()  # train.py's loop; elapsed_s counts the steps, not the evals
+        npgpt_ms = 1e3 * summary["elapsed_s"] / iters
+        print(f"\n== the training loop, small preset, {iters} iterations each "
+              f"(npgpt: Trainer, {trainer.workers.n} worker threads; load average "
+              f"{os.getloadavg()[0]:.2f})")
+        print(f"   npgpt Trainer   {npgpt_ms:8.1f} ms/iter   final loss {summary['train_loss']:.4f}")
+        print(f"   torch sdpa loop {torch_ms:8.1f} ms/iter   final loss {float(loss):.4f}")
+        print(f"   ratio torch ms / npgpt ms = {torch_ms / npgpt_ms:.2f}x")
 
 
 def memory_child(name, framework):
     """Runs in a child process: peak RSS over two training steps of one framework."""
     cfg, B = CONFIGS[name]
-    if framework != "npgpt":
+    if not framework.startswith("npgpt"):
         import torch  # noqa: F401
     limiter = common.set_threads(int(os.environ.get("NPGPT_BENCH_THREADS", os.cpu_count())))  # noqa
     data = list(batches(cfg, B, 2))
     base = common.rss_mb()
     common.reset_peak_rss()
-    if framework == "npgpt":
-        step = make_npgpt(cfg)[2]
+    if framework.startswith("npgpt"):
+        step = make_npgpt(cfg, workers=1 if framework == "npgpt 1 worker" else "auto")[2]
     else:
         step = make_torch(cfg, manual=framework == "torch manual")
     for x, y in data:
@@ -143,11 +206,12 @@ def measure_memory(name, framework, threads):
 
 def report(name, steps, threads, memory, device="cpu"):
     load = os.getloadavg()[0]
-    cfg, B, times, first_loss, warmup = time_config(name, steps, device)
+    cfg, B, times, first_loss, warmup, block = time_config(name, steps, device)
     tokens = B * cfg.block_size
     print(f"\n== {name} on the {device.upper()}: {cfg.n_layer} layers, {cfg.n_head} heads, "
           f"{cfg.n_embd} dims, context {cfg.block_size}, batch {B}, vocab {cfg.vocab_size}; "
-          f"{len(times['npgpt'])} timed steps each after {warmup} warm-up; "
+          f"{len(times['npgpt'])} timed steps each (blocks of {block} consecutive steps, the "
+          f"first untimed) after {warmup} warm-up; "
           f"load average {load:.2f} before, {os.getloadavg()[0]:.2f} after")
     print("   loss on the first batch (same weights, same updates): "
           + ", ".join(f"{n} {v:.6f}" for n, v in first_loss.items()))
@@ -161,25 +225,35 @@ def report(name, steps, threads, memory, device="cpu"):
         print(f"   {n:13s} {med[n]:9.1f} ms/step  {tokens / med[n] * 1e3:9.0f} tok/s  "
               f"[min {lo:.1f}, max {hi:.1f}, spread {100 * spread:.0f}%]{mem}")
     for n in ("torch sdpa", "torch manual"):
-        print(f"   ratio {n} ms / npgpt ms = {med[n] / med['npgpt']:.2f}x")
+        print(f"   ratio {n} ms / npgpt ms = {med[n] / med['npgpt']:.2f}x"
+              + (f"   (npgpt 1 worker: {med[n] / med['npgpt 1 worker']:.2f}x)"
+                 if "npgpt 1 worker" in med else ""))
 
 
 # ------------------------------------------------------------------------- profile
-def profile(name, steps):
+def profile(name, steps, workers="auto"):
     """Per layer type: forward and backward ms, share of the step, and GFLOP/s of its
-    matrix products against this machine's sgemm rate (threads: main's set_threads)."""
+    matrix products against this machine's sgemm rate (threads: main's set_threads).
+    With W worker threads, the layers are worker 0's (B/W rows, the others run beside
+    it) and the sgemm rate is measured with a worker's BLAS threads."""
+    import threading
+
     from npgpt import ops
+    from threadpoolctl import threadpool_limits
     cfg, B = CONFIGS[name]
-    model, opt, step = make_npgpt(cfg)
+    model, opt, step = make_npgpt(cfg, workers=workers)
+    n_workers = resolve_workers(workers, B, "cpu", cfg.block_size * cfg.n_embd)
     T, C, V, nh = cfg.block_size, cfg.n_embd, cfg.vocab_size, cfg.n_head
-    N = B * T
+    rows = -(-B // n_workers)  # worker 0's rows (the larger share)
+    N = rows * T
     acc = {}
 
     def timed(key, fn):
         def wrapper(*args, **kwargs):
             t = time.perf_counter()
             out = fn(*args, **kwargs)
-            acc[key] = acc.get(key, 0.0) + time.perf_counter() - t
+            if threading.current_thread() is threading.main_thread():  # worker 0's
+                acc[key] = acc.get(key, 0.0) + time.perf_counter() - t
             return out
         return wrapper
 
@@ -200,15 +274,17 @@ def profile(name, steps):
     wrap_layer(model.embedding, "embedding")
     wrap_layer(model.head, "tied head")
     flops["tied head"] = 2e-9 * N * C * V
-    flops["attention (softmax(qk^T)v)"] = cfg.n_layer * 4e-9 * B * nh * T * T * (C // nh)
+    flops["attention (softmax(qk^T)v)"] = cfg.n_layer * 4e-9 * rows * nh * T * T * (C // nh)
     for op, kind in (("attention", "attention (softmax(qk^T)v)"), ("gelu", "gelu"),
                      ("cross_entropy", "cross-entropy")):
         setattr(ops, op + "_forward", timed((kind, "fwd"), getattr(ops, op + "_forward")))
         setattr(ops, op + "_backward", timed((kind, "bwd"), getattr(ops, op + "_backward")))
     opt.step = timed(("AdamW", "step"), opt.step)
 
-    rate = common.sgemm_rate(N, C, 4 * C)
-    rate_sq = common.sgemm_rate(1024, 1024, 1024)
+    with threadpool_limits(max(1, os.cpu_count() // n_workers) if n_workers > 1 else None,
+                           user_api="blas"):
+        rate = common.sgemm_rate(N, C, 4 * C)
+        rate_sq = common.sgemm_rate(1024, 1024, 1024)
     totals, per_step = [], []
     for i, (x, y) in enumerate(batches(cfg, B, WARMUP[name] + steps)):
         acc.clear()
@@ -220,6 +296,7 @@ def profile(name, steps):
     total = 1e3 * float(np.median(totals))
     med = {k: 1e3 * float(np.median([s.get(k, 0.0) for s in per_step])) for k in per_step[0]}
     print(f"\n== npgpt per-layer profile, {name} (median of {steps} steps: {total:.1f} ms/step; "
+          f"{n_workers} worker(s), the layers of worker 0: {rows} rows; "
           f"load average {os.getloadavg()[0]:.2f})")
     print(f"   sgemm rate here: {rate:.0f} GFLOP/s for ({N},{C})@({C},{4 * C}), "
           f"{rate_sq:.0f} GFLOP/s for 1024^3")
@@ -255,6 +332,10 @@ def main():
     p.add_argument("--no-memory", action="store_true",
                    help="skip the peak-memory children (lecture: only with --config lecture)")
     p.add_argument("--profile", action="store_true", help="npgpt per-layer profile instead")
+    p.add_argument("--loop", action="store_true",
+                   help="the training loop instead: Trainer (small) against a PyTorch loop")
+    p.add_argument("--workers", default="auto",
+                   help="npgpt's worker threads for --profile (default auto)")
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
                    help="gpu: npgpt on CuPy against PyTorch on CUDA (step times only)")
     p.add_argument("--tf32", action="store_true",
@@ -283,8 +364,10 @@ def main():
     names = [n for n in CONFIGS if n not in BY_NAME_ONLY] if args.config == "all" else [args.config]
     if args.profile:
         for name in (["small"] if args.config == "all" else names):
-            profile(name, args.steps or 10)
+            profile(name, args.steps or 10, args.workers)
         return
+    if args.loop:
+        return loop_throughput(args.steps or 100)
     for name in names:
         # a lecture step takes seconds: its memory children only when asked for by name
         memory = (args.device == "cpu" and not args.no_memory

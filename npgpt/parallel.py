@@ -43,12 +43,20 @@ def cores():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def resolve_workers(spec, batch_size, device):
+MIN_WORK = 1 << 15  # activation elements (rows x T x C) below which a worker costs more
+                    # than it gives (thread hand-offs and the GIL: measured, tiny preset)
+
+
+def resolve_workers(spec, batch_size, device, row_elements=None):
     """The number of workers for --workers `spec` ('auto' or a positive count as int or
-    str): auto is one per core, at most one per batch row, and 1 on a GPU (one stream
+    str). auto: one per core, at most one per batch row and per MIN_WORK activation
+    elements (row_elements: block_size x n_embd of one row), and 1 on a GPU (one stream
     of kernels already fills it). Raises ValueError for an impossible count."""
     if spec in ("auto", None):
-        return 1 if device != "cpu" else max(1, min(cores(), batch_size))
+        if device != "cpu":
+            return 1
+        by_work = batch_size * row_elements // MIN_WORK if row_elements else batch_size
+        return max(1, min(cores(), batch_size, by_work))
     try:
         n = int(spec)
     except (TypeError, ValueError):

@@ -121,7 +121,8 @@ class Trainer:
         if comm.size > 1:
             self._join_ranks()
         try:  # threads that split each batch by rows (parallel.py)
-            n_workers = resolve_workers(cfg.workers, cfg.batch_size, self.model.device)
+            n_workers = resolve_workers(cfg.workers, cfg.batch_size, self.model.device,
+                                        cfg.block_size * self.model.config.n_embd)
         except ValueError as e:
             raise NpgptError(str(e)) from None
         self.workers = Workers(self.model, n_workers)

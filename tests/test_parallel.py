@@ -12,7 +12,7 @@ from threadpoolctl import threadpool_info
 
 from npgpt import GPT, GPTConfig
 from npgpt.errors import NpgptError
-from npgpt.parallel import Workers, resolve_workers, row_slices
+from npgpt.parallel import Workers, cores, resolve_workers, row_slices
 from npgpt.training import Trainer
 
 from test_training import run_until, tiny
@@ -105,6 +105,9 @@ def test_worker_counts():
     assert row_slices(8, 3) == [slice(0, 3), slice(3, 6), slice(6, 8)]
     assert row_slices(2, 2) == [slice(0, 1), slice(1, 2)]
     assert 1 <= resolve_workers("auto", 32, "cpu") and resolve_workers("auto", 1, "cpu") == 1
+    # too little work per worker: one (the tiny preset, 8 x 32 x 32 activations)
+    assert resolve_workers("auto", 8, "cpu", 32 * 32) == 1
+    assert resolve_workers("auto", 32, "cpu", 128 * 128) == min(cores(), 32)
     assert resolve_workers("auto", 32, "gpu") == 1 and resolve_workers("3", 8, "cpu") == 3
     for spec, batch, device, message in [(0, 8, "cpu", "positive"), ("two", 8, "cpu", "positive"),
                                          (9, 8, "cpu", "exceeds --batch-size 8"),
