@@ -85,6 +85,9 @@ class Workers:
         """n: the worker count (see resolve_workers). blas_threads: BLAS threads per worker
         while they run (default: cores() // n, at least 1)."""
         self.model, self.n = model, int(n)
+        if self.n > 1 and model.device != "cpu":
+            raise ValueError("worker threads split a batch across CPU cores; a GPU model "
+                             "takes one (Workers(model, 1))")
         self.replicas = [model] + [model.replica() for _ in range(self.n - 1)]
         self.pool = ThreadPoolExecutor(self.n - 1, "npgpt-worker") if self.n > 1 else None
         self.blas_threads = blas_threads or max(1, cores() // self.n)
@@ -92,11 +95,6 @@ class Workers:
         if self.pool is not None:
             from threadpoolctl import ThreadpoolController
             self._controller = ThreadpoolController()
-
-    def close(self):
-        """Stop the worker threads (they also stop with the process)."""
-        if self.pool is not None:
-            self.pool.shutdown()
 
     def _run(self, job, x, y):
         """job(worker, x_rows, y_rows, weight, part) on every worker at once; their results

@@ -108,7 +108,7 @@ Extending a finished run with --resume and a larger --max-iters therefore contin
 
 checkpoints: out/ckpt.npz is written atomically at every eval and at the end; Ctrl-C
 saves one and exits. --resume continues from it up to --max-iters in total, bit-identical
-to an uninterrupted run on the same device and dtype."""
+to an uninterrupted run on the same device, dtype and --workers."""
 
 
 def build_parser():
