@@ -1,6 +1,6 @@
 """Data-parallel worker threads in one process: every core on one batch.
 
-    workers = Workers(model, "auto")            # one worker per core
+    workers = Workers(model, 2)                 # resolve_workers("auto", ...): one per core
     loss = workers.forward_backward(x, y)       # model.grads: the whole batch's gradient
     clip_grad_norm(model.grads, 1.0)
     opt.step(model.grads)
@@ -103,6 +103,8 @@ class Workers:
             return [job(self.model, x, y, 1.0, None)]
         parts = row_slices(x.shape[0], self.n)
         counts = [int(np.count_nonzero(np.asarray(y[p]) != -1)) for p in parts]
+        if sum(counts) == 0:
+            raise ValueError("every target is ignore_index (-1): there is nothing to learn from")
         weights = [c / sum(counts) for c in counts]
         errstate = np.geterr()  # NumPy's error settings are per thread: the caller's hold
 
@@ -127,6 +129,13 @@ class Workers:
         state = self.model.rng.state()  # every worker's masks come from the same pass
 
         def job(worker, xs, ys, weight, rows):
+            own = accumulate and worker is self.model  # the gradient to add to
+            if weight == 0.0:  # rows of ignored targets only: no loss, no gradient
+                if worker is self.model and train:
+                    worker.rng.next_pass()  # the stream advances as in any pass
+                if not own:
+                    worker.zero_grad()
+                return 0.0
             if worker is not self.model:
                 worker.rng.set_state(state)
             worker.rng.rows = rows
@@ -134,7 +143,7 @@ class Workers:
                 _, loss = worker.forward(xs, ys, train=train)
             finally:
                 worker.rng.rows = None
-            worker.backward(accumulate=accumulate and worker is self.model, dloss=weight)
+            worker.backward(accumulate=own, dloss=weight)
             return loss * weight
 
         losses = self._run(job, x, y)
@@ -144,5 +153,6 @@ class Workers:
 
     def loss(self, x, y):
         """The batch's mean loss without a backward (evaluation)."""
-        losses = self._run(lambda w, xs, ys, weight, rows: w.forward(xs, ys)[1] * weight, x, y)
+        losses = self._run(lambda w, xs, ys, weight, rows:
+                           w.forward(xs, ys)[1] * weight if weight else 0.0, x, y)
         return sum(losses[1:], losses[0])

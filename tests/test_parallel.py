@@ -60,6 +60,15 @@ def test_the_gradient_weighs_every_valid_target_alike():
     workers.forward_backward(idx, targets, train=False, accumulate=True)
     np.testing.assert_allclose(two.grads.flat, 2 * one.grads.flat, rtol=1e-11, atol=1e-14)
     assert float(workers.loss(idx, targets)) == pytest.approx(float(loss1), rel=1e-13)
+    # a worker whose rows hold no valid target at all adds nothing
+    targets[3:] = -1
+    loss1 = Workers(one, 1).forward_backward(idx, targets, train=False)
+    loss2 = workers.forward_backward(idx, targets, train=False)
+    assert float(loss2) == pytest.approx(float(loss1), rel=1e-13)
+    np.testing.assert_allclose(two.grads.flat, one.grads.flat, rtol=1e-11, atol=1e-14)
+    targets[:] = -1
+    with pytest.raises(ValueError, match="nothing to learn from"):
+        workers.forward_backward(idx, targets)
 
 
 def test_dropout_masks_do_not_depend_on_the_split():
