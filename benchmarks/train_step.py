@@ -175,7 +175,7 @@ def loop_throughput(iters=100):
               f"(npgpt: Trainer, {trainer.workers.n} worker threads; load average "
               f"{os.getloadavg()[0]:.2f})")
         print(f"   npgpt Trainer   {npgpt_ms:8.1f} ms/iter   final loss {summary['train_loss']:.4f}")
-        print(f"   torch sdpa loop {torch_ms:8.1f} ms/iter   final loss {float(loss):.4f}")
+        print(f"   torch sdpa loop {torch_ms:8.1f} ms/iter   final loss {loss.item():.4f}")
         print(f"   ratio torch ms / npgpt ms = {torch_ms / npgpt_ms:.2f}x")
 
 
