@@ -15,7 +15,7 @@ import zipfile
 import numpy as np
 
 from .backend import to_numpy
-from .errors import CheckpointError
+from .errors import CheckpointError, WriteError
 from .model import GPT, GPTConfig
 
 FORMAT = "npgpt-1"
@@ -46,23 +46,52 @@ def save(path, model, **extra):
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-def atomic_write(path, write):
+def atomic_write(path, write, elsewhere="another --out-dir"):
     """Call write(file) on a temporary file beside `path`, fsync it, then rename it over
-    `path`: readers see the old file or the complete new one, never a partial one."""
+    `path`: readers see the old file or the complete new one, never a partial one. The
+    file gets the mode a plain open() would (0666 less the umask: 0644 under 022), not
+    the temporary file's 0600. A failed write (a full disk, a read-only folder) removes
+    the temporary file, leaves `path` as it was and raises a WriteError naming it (and
+    `elsewhere`, where else to write)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
+                                   suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        raise WriteError(path, e, elsewhere) from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _remove(tmp)
         raise
+
+
+def _remove(tmp):
+    if tmp is not None and os.path.exists(tmp):
+        os.unlink(tmp)
+
+
+def current_umask():
+    """The process's umask, read without changing it where Linux shows it (changing it,
+    even for a moment, would race with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read_npz(path):

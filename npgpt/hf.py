@@ -54,6 +54,7 @@ ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are the tanh approximation
 LAYER_NORM_EPS = 1e-5
 DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
+ELSEWHERE = "another output folder"  # where a failed export's WriteError says to write
 # what transformers' GPT2Config assumes for a key that config.json leaves out
 HF_DEFAULTS = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
                    activation_function="gelu_new", layer_norm_epsilon=1e-5,
@@ -300,15 +301,17 @@ def save_pretrained(model, folder, tokenizer=None, dtype=None):
     tensors = {name: np.ascontiguousarray(to_numpy(p), dtype=dtype)
                for name, p in model.params.items()}
     atomic_write(os.path.join(folder, WEIGHTS_FILE),
-                 lambda f: f.write(st.numpy.save(tensors, metadata={"format": "pt"})))
+                 lambda f: f.write(st.numpy.save(tensors, metadata={"format": "pt"})), ELSEWHERE)
     for name in TOKENIZER_FILES:
         path = os.path.join(folder, name)
         if name in files:
-            atomic_write(path, lambda f, text=files[name]: f.write(text.encode("utf-8")))
+            atomic_write(path, lambda f, text=files[name]: f.write(text.encode("utf-8")),
+                         ELSEWHERE)
         elif os.path.isfile(path):
             os.unlink(path)
     text = json.dumps(hf_config(model.config, eos, dtype), indent=2, sort_keys=True) + "\n"
-    atomic_write(os.path.join(folder, CONFIG_FILE), lambda f: f.write(text.encode("utf-8")))
+    atomic_write(os.path.join(folder, CONFIG_FILE), lambda f: f.write(text.encode("utf-8")),
+                 ELSEWHERE)
 
 
 def _tokenizer_files(tokenizer, config):
