@@ -65,7 +65,8 @@ def shakespeare_path(download=True):
     if hashlib.sha256(payload).hexdigest() != SHAKESPEARE_SHA256:
         raise NpgptError(f"the download from {SHAKESPEARE_URL} failed its sha256 check; "
                          "try again later, or pass --data FILE")
-    atomic_write(cached, lambda f: f.write(payload))
+    atomic_write(cached, lambda f: f.write(payload),
+                 elsewhere="a folder of your choice named by NPGPT_DATA_DIR")
     return cached
 
 
@@ -121,7 +122,8 @@ def read_text(path, max_chars=None):
 
 class TokenData:
     """A corpus encoded once into a token file, split 90/10 into train and val.
-    `fingerprint`: the sha256 of the corpus and of the tokenizer, and the token dtype."""
+    `fingerprint`: the sha256 of the corpus and of the tokenizer, the token dtype, and the
+    size and sha256 of the token file."""
 
     def __init__(self, path, fingerprint):
         self.fingerprint = fingerprint
@@ -156,15 +158,37 @@ def prepare_tokens(corpus_path, tokenizer, folder):
     fingerprint = {"corpus_sha256": sha256_of(corpus_path),
                    "dtype": token_dtype(tokenizer.vocab_size).name,
                    "tokenizer_sha256": hashlib.sha256(tokenizer.to_json().encode()).hexdigest()}
-    if os.path.exists(path) and os.path.exists(meta_path):
-        with open(meta_path) as f:
-            if json.load(f) == fingerprint:
-                return TokenData(path, fingerprint)
+    cached = _read_cache_meta(meta_path)
+    # reused only when made from this corpus and tokenizer and still whole: the size and
+    # hash of tokens.bin as written (a truncated or replaced file is encoded again)
+    if (cached is not None and os.path.exists(path)
+            and {k: cached.get(k) for k in fingerprint} == fingerprint
+            and os.path.getsize(path) == cached.get("tokens_bytes")
+            and sha256_of(path) == cached.get("tokens_sha256")):
+        return TokenData(path, cached)
+    digest, size = hashlib.sha256(), 0
 
     def write(f):
+        nonlocal size
         for chunk in iter_text(corpus_path):
-            f.write(encode_to_array(tokenizer, chunk).tobytes())  # token_dtype
+            data = encode_to_array(tokenizer, chunk).tobytes()  # token_dtype
+            digest.update(data)
+            size += len(data)
+            f.write(data)
 
+    if os.path.exists(meta_path):
+        os.unlink(meta_path)  # no description of a tokens.bin that is being replaced
     atomic_write(path, write)
+    fingerprint.update(tokens_bytes=size, tokens_sha256=digest.hexdigest())
     atomic_write(meta_path, lambda f: f.write(json.dumps(fingerprint).encode()))
     return TokenData(path, fingerprint)
+
+
+def _read_cache_meta(meta_path):
+    """tokens.json's dict, or None where it is missing or unreadable (then rebuilt)."""
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
