@@ -166,13 +166,7 @@ class GPT2Tokenizer(bpe.ByteLevelBPE):
     def from_files(cls, encoder_path, merges_path):
         """Read encoder.json / vocab.json and vocab.bpe / merges.txt; any problem raises
         NpgptError naming the file."""
-        encoder = _read_json(encoder_path)
-        if not isinstance(encoder, dict) or not all(
-                isinstance(t, str) and isinstance(i, int) and i >= 0 for t, i in encoder.items()):
-            raise NpgptError(f"{encoder_path}: not a GPT-2 vocabulary (a JSON object mapping "
-                             "each token to a non-negative integer id)")
-        if len(set(encoder.values())) != len(encoder):
-            raise NpgptError(f"{encoder_path}: two tokens share an id")
+        encoder = _check_encoder(_read_json(encoder_path), encoder_path)
         merges = _read_merges(merges_path)
         try:
             return cls(encoder, merges)
@@ -185,6 +179,19 @@ class GPT2Tokenizer(bpe.ByteLevelBPE):
 
     def __repr__(self):
         return f"GPT2Tokenizer(vocab_size={self.vocab_size})"
+
+
+def _check_encoder(encoder, where):
+    """encoder itself when it is a GPT-2 vocabulary ({token: id}, ids distinct and >= 0),
+    else NpgptError naming `where`."""
+    if not isinstance(encoder, dict) or not all(
+            isinstance(t, str) and isinstance(i, int) and not isinstance(i, bool) and i >= 0
+            for t, i in encoder.items()):
+        raise NpgptError(f"{where}: not a GPT-2 vocabulary (a JSON object mapping each token "
+                         "to a non-negative integer id)")
+    if len(set(encoder.values())) != len(encoder):
+        raise NpgptError(f"{where}: two tokens share an id")
+    return encoder
 
 
 def _import_regex():
@@ -250,8 +257,9 @@ def tokenizer_from_json(text):
             return CharTokenizer(spec["chars"])
         if kind == "bpe":
             return BPETokenizer([(int(a), int(b)) for a, b in spec["merges"]], spec["pattern"])
-        if kind == "gpt2":
-            return GPT2Tokenizer(spec["encoder"], [tuple(m.split(" ")) for m in spec["merges"]])
+        if kind == "gpt2":  # checked as GPT2Tokenizer.from_files checks its files
+            encoder = _check_encoder(spec["encoder"], "the tokenizer description")
+            return GPT2Tokenizer(encoder, [tuple(m.split(" ")) for m in spec["merges"]])
     except (ValueError, KeyError, TypeError, AttributeError, re.error) as e:
         raise NpgptError(f"corrupt tokenizer description ({type(e).__name__}: {e})") from None
     raise NpgptError(f"unknown tokenizer kind {kind!r} (known: char, bpe, gpt2)")

@@ -12,10 +12,18 @@ class TrainLog:
         self.png = os.path.join(out_dir, "loss.png")
 
     def records(self):
+        """The log's records. A line that is not a whole JSON record (the last one, cut by
+        kill -9 or a power loss mid-write) is left out: a resumed run rewrites it."""
         if not os.path.exists(self.path):
             return []
-        with open(self.path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        records = []
+        with open(self.path, errors="replace") as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    continue
+        return [r for r in records if isinstance(r, dict) and "iter" in r]
 
     def truncate_after(self, it):
         """Drop records a resumed run will write again: steps >= it and evals > it
