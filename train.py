@@ -3,6 +3,7 @@
 Data-parallel on N processes (pip install -e ".[mpi]"):   mpiexec -n N python train.py [flags]
 """
 import os
+import signal
 import sys
 
 
@@ -36,7 +37,9 @@ def main(argv=None):
         print(f"done: iteration {summary['iter']}, train loss {summary['train_loss']:.4f}, "
               f"val loss {summary['val_loss']:.4f}, {summary['elapsed_s']:.1f} s of training; "
               f"checkpoint {trainer.ckpt_path}")
-    return 130 if summary["interrupted"] else 0
+    if summary["interrupted"]:  # the shell's convention: 128 + the signal (130 for Ctrl-C)
+        return 128 + (summary["signal"] or signal.SIGINT)
+    return 0
 
 
 if __name__ == "__main__":

@@ -106,8 +106,8 @@ learning-rate schedule: linear warmup over --warmup-iters to --lr, then cosine d
 Extending a finished run with --resume and a larger --max-iters therefore continues at
 --min-lr unless you also raise --lr-decay-iters (its horizon was fixed when it started).
 
-checkpoints: out/ckpt.npz is written atomically at every eval and at the end; Ctrl-C
-saves one and exits. --resume continues from it up to --max-iters in total, bit-identical
+checkpoints: out/ckpt.npz is written atomically at every eval and at the end; Ctrl-C,
+SIGTERM and SIGHUP save one and exit (130, 143, 129). --resume continues from it up to --max-iters in total, bit-identical
 to an uninterrupted run on the same device, dtype and --workers."""
 
 

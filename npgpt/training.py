@@ -20,6 +20,7 @@ import math
 import os
 import signal
 import time
+import weakref
 from dataclasses import asdict
 
 import numpy as np
@@ -32,6 +33,7 @@ from .errors import CheckpointError, NpgptError
 from .model import GPT, GPTConfig
 from .optim import AdamW, clip_grad_norm
 from .parallel import Workers, resolve_workers
+from .runlock import RunLock
 from .tokenizers import build_tokenizer, tokenizer_from_json
 from .trainconfig import MODEL_FIELDS, TrainConfig
 from .trainlog import TrainLog
@@ -84,7 +86,18 @@ class Trainer:
         self.progress = progress and comm.rank == 0
         self.out = out if comm.rank == 0 else (lambda *_: None)
         self.ckpt_path = os.path.join(cfg.out_dir, "ckpt.npz")
-        extra = None
+        self.lock = RunLock(cfg.out_dir)  # one run per folder (rank 0 writes it)
+        if comm.rank == 0:
+            self.lock.acquire()
+        weakref.finalize(self, self.lock.release)  # a Trainer never run lets go when freed
+        try:
+            self._setup(cfg, resume, overrides)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self, cfg, resume, overrides):
+        comm, extra = self.comm, None
         if resume:
             self.model, extra = load(self.ckpt_path, device=cfg.device)
             cfg = self._resumed_config(extra, overrides or {})
@@ -128,7 +141,7 @@ class Trainer:
         self.workers = Workers(self.model, n_workers)
         if resume:
             self._note_worker_change(extra)
-        self.stop_requested = False
+        self.stop_requested, self.stop_signal = False, None
 
     # ------------------------------------------------------------------ setup
     def _resumed_config(self, extra, overrides):
@@ -311,11 +324,13 @@ class Trainer:
         note = auto_device_note(cfg.device, self.model.device)
         if note:
             self.out(note)
+        if self.comm.rank == 0:
+            self.lock.acquire()  # (released at the end of an earlier run())
         bar = tqdm(total=cfg.max_iters, initial=self.iter, disable=not self.progress,
                    dynamic_ncols=True, desc="train")
         losses, loss = {}, None
         window_s, window_steps = 0.0, 0  # step time since the last step record
-        previous = _install_sigint(self)
+        previous = _install_stop_handlers(self)
         # a diverging run's inf/nan would warn from inside the ops; read_loss reports it
         errstate = np.seterr(over="ignore", invalid="ignore", divide="ignore")
         try:
@@ -325,7 +340,8 @@ class Trainer:
                     if loss is not None:
                         self.read_loss(loss)  # never save parameters that went NaN
                     self.save_checkpoint()
-                    self.out(f"\ninterrupted at iteration {self.iter}; checkpoint saved to "
+                    by = f" by {signal.Signals(self.stop_signal).name}" if self.stop_signal else ""
+                    self.out(f"\ninterrupted{by} at iteration {self.iter}; checkpoint saved to "
                              f"{self.ckpt_path} (continue with --resume)")
                     break
                 done = self.iter >= cfg.max_iters
@@ -360,24 +376,37 @@ class Trainer:
                     self.log.write(record)
         finally:
             np.seterr(**errstate)
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             bar.close()
+            self.lock.release()
         return {"iter": self.iter, "train_loss": losses.get("train"), "val_loss": losses.get("val"),
                 "best_val_loss": self.best_val_loss, "elapsed_s": self.elapsed,
-                "interrupted": self.stop_requested}
+                "interrupted": self.stop_requested, "signal": self.stop_signal}
 
 
-def _install_sigint(trainer):
-    """First Ctrl-C: finish the step, save, stop. Second: stop at once (the last
-    checkpoint on disk is intact: saves are atomic)."""
+# what asks a run to stop: Ctrl-C, a scheduler or `timeout` (SIGTERM), a closed terminal
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
+                     if hasattr(signal, name))
+
+
+def _install_stop_handlers(trainer):
+    """First stop signal: finish the step, save, stop (trainer.stop_signal says which).
+    Second: stop at once, Ctrl-C as KeyboardInterrupt, the others with exit status 128 +
+    the signal's number (the last checkpoint on disk is intact: saves are atomic).
+    Returns {signal: previous handler} to restore."""
     def handler(signum, frame):
         if trainer.stop_requested:
-            raise KeyboardInterrupt
-        trainer.stop_requested = True
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        trainer.stop_requested, trainer.stop_signal = True, signum
 
-    try:
-        return signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not in the main thread (e.g. some notebook runners)
-        return None
+    previous = {}
+    for signum in STOP_SIGNALS:
+        try:
+            previous[signum] = signal.signal(signum, handler)
+        except ValueError:  # not in the main thread (e.g. some notebook runners)
+            break
+    return previous
 

@@ -90,8 +90,10 @@ def test_generate_bad_inputs(tmp_path, corpus):
     assert_clean_error(run("generate.py", "--top-p", "2", cwd=tmp_path, check=False), "top_p")
 
 
-@pytest.mark.parametrize("how", ["sigkill", "sigint"])
+@pytest.mark.parametrize("how", ["sigkill", "sigint", "sigterm", "sighup"])
 def test_interrupted_process_resumes_bit_identically(tmp_path, corpus, how):
+    """kill -9 keeps the last eval's checkpoint; Ctrl-C, a scheduler's SIGTERM and a closed
+    terminal's SIGHUP save one at the current iteration and exit with 128 + the signal."""
     args = ["--preset", "tiny", "--max-iters", "300", "--eval-interval", "50", "--eval-iters", "1",
             "--log-interval", "1", "--dropout", "0.1", "--data", str(corpus)]
     (tmp_path / "a").mkdir()
@@ -100,12 +102,15 @@ def test_interrupted_process_resumes_bit_identically(tmp_path, corpus, how):
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path / "b",
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: steps_logged(tmp_path / "b", 60) or proc.poll() is not None, "steps")
-    proc.send_signal(signal.SIGKILL if how == "sigkill" else signal.SIGINT)
-    _, err = proc.communicate()
-    if how == "sigint":
-        assert proc.returncode == 130 and "Traceback" not in err
+    sent = getattr(signal, how.upper())
+    proc.send_signal(sent)
+    out, err = proc.communicate()
     _, extra = load(tmp_path / "b" / "out" / "ckpt.npz")
     assert 50 <= extra["iter"] < 300, "the run must be interrupted mid-way for this test"
+    if how != "sigkill":
+        assert proc.returncode == 128 + sent and "Traceback" not in err, err
+        assert f"interrupted by {how.upper()} at iteration {extra['iter']}; checkpoint saved" \
+            in out, out
     run("train.py", *args, "--resume", cwd=tmp_path / "b")
     a, _ = load(tmp_path / "a" / "out" / "ckpt.npz")
     b, _ = load(tmp_path / "b" / "out" / "ckpt.npz")
