@@ -33,7 +33,7 @@ def main(argv=None):
     comm = world()  # one process alone, or this rank of an mpiexec job
     trainer = Trainer(cfg, resume=args.resume, overrides=given_flags(args), comm=comm)
     summary = trainer.run()
-    if summary["val_loss"] is not None and comm.rank == 0:
+    if summary["val_loss"] is not None and comm.rank == 0 and not summary["interrupted"]:
         print(f"done: iteration {summary['iter']}, train loss {summary['train_loss']:.4f}, "
               f"val loss {summary['val_loss']:.4f}, {summary['elapsed_s']:.1f} s of training; "
               f"checkpoint {trainer.ckpt_path}")

@@ -4,6 +4,7 @@ import json
 import os
 
 from .checkpoint import atomic_write
+from .errors import WriteError
 
 
 class TrainLog:
@@ -34,8 +35,11 @@ class TrainLog:
         atomic_write(self.path, lambda f: f.write(text.encode()))
 
     def write(self, record):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk: one clear message (a cut line is skipped later)
+            raise WriteError(self.path, e) from None
 
     def plot(self):
         """Redraw loss.png: step losses, and train/val losses at each eval. Draws on a bare
