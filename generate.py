@@ -8,7 +8,7 @@ from npgpt.backend import auto_device_note
 from npgpt.checkpoint import load
 from npgpt.cli import run_cli
 from npgpt.errors import NpgptError
-from npgpt.hf import from_pretrained, load_pretrained_tokenizer
+from npgpt import from_pretrained, tokenizer_from_pretrained
 from npgpt.tokenizers import tokenizer_from_json
 
 
@@ -51,7 +51,7 @@ def load_model(args):
     """(model, tokenizer) from --model DIR (Hugging Face GPT-2) or --ckpt (train.py's)."""
     if args.model:
         model = from_pretrained(args.model, device=args.device)
-        return model, load_pretrained_tokenizer(args.model)
+        return model, tokenizer_from_pretrained(args.model)
     model, extra = load(args.ckpt, device=args.device)
     if "tokenizer" not in extra:
         raise NpgptError(f"{args.ckpt} holds no tokenizer; it was not written by train.py")

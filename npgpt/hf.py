@@ -29,7 +29,7 @@ Tokenizers: save_pretrained writes a GPT-2 tokenizer ("gpt2") as vocab.json +
 merges.txt, which transformers' GPT2Tokenizer loads. npgpt's own "char" and "bpe"
 tokenizers have no transformers equivalent: they are written as npgpt_tokenizer.json
 (their to_json() text), which transformers cannot load but
-`npgpt.tokenizers.tokenizer_from_json(open(path).read())` (or `load_pretrained_tokenizer`)
+`npgpt.tokenizer_from_pretrained(folder)` (or `npgpt.tokenizers.tokenizer_from_json`)
 can.
 """
 import contextlib
@@ -45,10 +45,10 @@ from .checkpoint import atomic_write
 from .errors import CheckpointError, NpgptError
 from .model import DTYPES, GPT, GPTConfig
 from .params import gpt2_param_shapes
+from .tokenizers import NPGPT_TOKENIZER_FILE
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-NPGPT_TOKENIZER_FILE = "npgpt_tokenizer.json"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", NPGPT_TOKENIZER_FILE)
 ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are the tanh approximation
@@ -250,17 +250,6 @@ def from_pretrained(folder, device="cpu", dtype="float32", dropout=None):
         except st.SafetensorError as e:
             raise CheckpointError(f"{folder}: corrupt safetensors data ({e})") from None
     return model
-
-
-def load_pretrained_tokenizer(folder):
-    """The tokenizer saved in `folder`: npgpt_tokenizer.json (npgpt's own tokenizers)
-    if present, else GPT-2's BPE from vocab.json + merges.txt (or encoder.json +
-    vocab.bpe)."""
-    from . import tokenizers
-    own = os.path.join(os.fspath(folder), NPGPT_TOKENIZER_FILE)
-    if os.path.isfile(own):
-        return tokenizers.tokenizer_from_json(tokenizers._read_text(own))
-    return tokenizers.tokenizer_from_pretrained(folder)
 
 
 # ------------------------------------------------------------------------ export

@@ -237,9 +237,16 @@ def _read_merges(path):
     return merges
 
 
+NPGPT_TOKENIZER_FILE = "npgpt_tokenizer.json"  # an exported char/bpe tokenizer's to_json()
+
+
 def tokenizer_from_pretrained(folder):
-    """GPT-2's tokenizer from a folder with vocab.json + merges.txt (Hugging Face) or
-    encoder.json + vocab.bpe (OpenAI)."""
+    """The tokenizer a model folder holds: npgpt_tokenizer.json (npgpt's own char or bpe
+    tokenizer, as npgpt.hf.save_pretrained writes it) if present, else GPT-2's BPE from
+    vocab.json + merges.txt (Hugging Face) or encoder.json + vocab.bpe (OpenAI)."""
+    own = os.path.join(os.fspath(folder), NPGPT_TOKENIZER_FILE)
+    if os.path.isfile(own):
+        return tokenizer_from_json(_read_text(own))
     for vocab, merges in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
         vocab_path, merges_path = os.path.join(folder, vocab), os.path.join(folder, merges)
         if os.path.exists(vocab_path) or os.path.exists(merges_path):

@@ -165,7 +165,8 @@ class Trainer:
     def _pretrained(self, cfg, overrides):
         """Model and tokenizer of a Hugging Face GPT-2 folder, as nanoGPT's init_from='gpt2':
         the block size may be cropped below n_positions; dropout comes from cfg."""
-        from .hf import from_pretrained, load_pretrained_tokenizer
+        from .hf import from_pretrained
+        from .tokenizers import tokenizer_from_pretrained
         model = from_pretrained(cfg.init_from, device=cfg.device, dtype=cfg.dtype,
                                 dropout=cfg.dropout)
         mc = model.config
@@ -181,7 +182,7 @@ class Trainer:
         if cfg.block_size < mc.block_size:
             model = crop_block_size(model, cfg.block_size)
         cfg.n_layer, cfg.n_head, cfg.n_embd = mc.n_layer, mc.n_head, mc.n_embd
-        tokenizer = load_pretrained_tokenizer(cfg.init_from)
+        tokenizer = tokenizer_from_pretrained(cfg.init_from)
         cfg.tokenizer, cfg.vocab_size = tokenizer.name, tokenizer.vocab_size
         return model, tokenizer
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from npgpt import GPT, CheckpointError, GPTConfig, NpgptError, hf, save
+from npgpt import GPT, CheckpointError, GPTConfig, NpgptError, hf, save, tokenizer_from_pretrained
+from npgpt.tokenizers import NPGPT_TOKENIZER_FILE
 from npgpt.bpe import bytes_to_unicode
 from npgpt.tokenizers import GPT2_EOT, GPT2Tokenizer, build_tokenizer
 from test_cli import assert_clean_error
@@ -244,7 +245,7 @@ def test_export_command_line(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "wrote" in run.stdout
     assert_same_params(model, hf.from_pretrained(out))
-    assert hf.load_pretrained_tokenizer(out).to_json() == tok.to_json()
+    assert tokenizer_from_pretrained(out).to_json() == tok.to_json()
     run = subprocess.run([sys.executable, "-m", "npgpt.export", str(tmp_path / "nope.npz"),
                           str(out)], cwd=ROOT, capture_output=True, text=True)
     assert_clean_error(run, "nope.npz")
@@ -272,15 +273,15 @@ def test_gpt2_tokenizer_is_written_as_vocab_and_merges(tmp_path):
     assert {"vocab.json", "merges.txt", "tokenizer_config.json"} <= names
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["eos_token_id"] == config["bos_token_id"] == 259
-    again = hf.load_pretrained_tokenizer(tmp_path / "out")
+    again = tokenizer_from_pretrained(tmp_path / "out")
     assert again.name == "gpt2" and again.encode(" the then") == tok.encode(" the then")
     # exporting npgpt's own tokenizer later leaves no stale GPT-2 files behind
     hf.save_pretrained(model, tmp_path / "out", tokenizer=build_tokenizer("bpe", "ab" * 50, 260))
     assert not names & set(os.listdir(tmp_path / "out")) - {"config.json", "model.safetensors"}
-    assert hf.load_pretrained_tokenizer(tmp_path / "out").name == "bpe"
-    (tmp_path / "out" / hf.NPGPT_TOKENIZER_FILE).write_bytes(b"\xff\xfe{")
+    assert tokenizer_from_pretrained(tmp_path / "out").name == "bpe"
+    (tmp_path / "out" / NPGPT_TOKENIZER_FILE).write_bytes(b"\xff\xfe{")
     with pytest.raises(NpgptError, match="npgpt_tokenizer.json: not valid UTF-8"):
-        hf.load_pretrained_tokenizer(tmp_path / "out")
+        tokenizer_from_pretrained(tmp_path / "out")
     with pytest.raises(NpgptError, match="260 tokens but the model only 19"):
         hf.save_pretrained(GPT(CFG), tmp_path / "small", tokenizer=tok)
 
