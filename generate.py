@@ -63,6 +63,7 @@ def main(argv=None):
     if args.max_new_tokens < 0 or args.num_samples < 1:
         raise NpgptError("--max-new-tokens must be >= 0 and --num-samples >= 1")
     model, tokenizer = load_model(args)
+    model.reuse_memory = True  # sampling keeps no layer output: reuse the memory (faster)
     note = auto_device_note(args.device, model.device)
     if note:
         print(note, file=sys.stderr)

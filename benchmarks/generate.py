@@ -38,7 +38,7 @@ def timed_stream(stream):
 
 
 def kv_cache_vs_recompute(contexts, n_new, repeats):
-    model = GPT(LECTURE, seed=0)
+    model = GPT(LECTURE, seed=0, reuse_memory=True)  # as generate.py
     rng = np.random.default_rng(0)
     print(f"\n== KV cache vs recompute: lecture model ({LECTURE.n_layer} layers, "
           f"{LECTURE.n_embd} dims, context {LECTURE.block_size}), batch 1, {n_new} tokens "
@@ -66,7 +66,7 @@ def gpt2_vs_transformers(n_prompt, n_new, repeats):
     import transformers
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    model = GPT(GPT2, seed=0)
+    model = GPT(GPT2, seed=0, reuse_memory=True)  # as generate.py
     cfg = GPT2Config(vocab_size=GPT2.vocab_size, n_positions=GPT2.block_size,
                      n_embd=GPT2.n_embd, n_layer=GPT2.n_layer, n_head=GPT2.n_head,
                      activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,

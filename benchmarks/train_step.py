@@ -69,7 +69,7 @@ def batches(cfg, B, n, seed=0):
 
 
 def make_npgpt(cfg, device="cpu", workers="auto"):
-    model = GPT(cfg, seed=0, device=device)
+    model = GPT(cfg, seed=0, device=device, reuse_memory=True)  # the Trainer's setting
     opt = AdamW(model.params, **HP)
     pool = None  # built at the first step: its batch size decides "auto"
 

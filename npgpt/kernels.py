@@ -20,6 +20,7 @@ import functools
 import math
 import os
 import types
+from collections import namedtuple
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +88,7 @@ def layernorm_forward(x, w, b, eps=1e-5, ws=FRESH):
     rstd = ws("rstd", x.shape[:-1] + (1,), x)
     _rows("layernorm_forward", xp, rows, x, _contiguous(w), _contiguous(b), out, xhat, rstd,
           np.int32(rows), np.int32(C), np.float32(eps))
-    return out, (xhat, rstd, w)
+    return out, ops.LayerNormCache(xhat, rstd, w)
 
 
 def layernorm_backward(dout, cache, ws=FRESH):
@@ -113,7 +114,7 @@ def gelu_forward(x, ws=FRESH):
     xp, x = get_xp(x), _contiguous(x)
     out = ws("out", x.shape, x)
     _flat("gelu_forward", xp, x.size, x, out, np.int64(x.size))
-    return out, (x, out)
+    return out, ops.GeluCache(x, out)
 
 
 def gelu_backward(dout, cache, ws=FRESH):
@@ -158,6 +159,9 @@ attention_backward = functools.partial(ops.attention_backward,
 # softmax cross-entropy
 
 
+FusedCrossEntropyCache = namedtuple("FusedCrossEntropyCache", "probs t count ignore_index shape")
+
+
 def cross_entropy_forward(logits, targets, ignore_index=-1, ws=FRESH):
     """ops.cross_entropy_forward: probabilities and each row's loss in one kernel."""
     xp, logits = get_xp(logits), _contiguous(logits)
@@ -170,7 +174,7 @@ def cross_entropy_forward(logits, targets, ignore_index=-1, ws=FRESH):
           np.int32(V), np.int64(ignore_index))
     count = (t != ignore_index).sum().astype(logits.dtype)  # positions that carry a target
     loss = nll.sum() / count
-    return loss, (probs, t, count, ignore_index, logits.shape)
+    return loss, FusedCrossEntropyCache(probs, t, count, ignore_index, logits.shape)
 
 
 def cross_entropy_backward(dloss, cache, ws=FRESH):

@@ -6,16 +6,20 @@ gradients into the gradient views with `+=`. Because of that, the tied output he
 simply adds into the token-embedding gradient, and gradient accumulation over
 micro-batches needs no extra code.
 
-Memory (see ops.Workspace): a layer writes its forward results, which its backward
-needs, into a Workspace of its own, and its backward temporaries into a `scratch`
-Workspace that the blocks share: a backward result is dead once the next layer's
-backward has read it, so the memory of a step's backward does not grow with depth.
-Sharing follows the order of Block.backward: every Linear uses scratch["linear"] (each
-dx is read before the next Linear's backward), attention and GELU use scratch["core"]
-(their backwards are never in flight together), each LayerNorm role its own (ln_2's dx
-is the residual gradient that must outlive the attention branch). The residual
-branches' outputs are read right away into the residual stream, so both c_proj layers
-of every block write their forward results into scratch["residual"].
+Memory (see ops.Workspace). By default (GPT(reuse_memory=False)) every Workspace is a
+fresh one: each call returns new arrays and leaves its inputs alone, so a learner can keep
+and compare any layer's output. The training path (GPT(reuse_memory=True), which the
+Trainer and the benchmarks set) reuses memory instead: a layer writes its forward
+results, which its backward needs, into a Workspace of its own, and its backward
+temporaries into a `scratch` Workspace that the blocks share: a backward result is dead
+once the next layer's backward has read it, so the memory of a step's backward does not
+grow with depth. Sharing follows the order of Block.backward: every Linear uses
+scratch["linear"] (each dx is read before the next Linear's backward), attention and GELU
+use scratch["core"] (their backwards are never in flight together), each LayerNorm role
+its own (ln_2's dx is the residual gradient that must outlive the attention branch). The
+residual branches' outputs are read right away into the residual stream, so both c_proj
+layers of every block write their forward results into scratch["residual"], and each
+block adds them into the stream in place.
 
 The layers with a fused GPU kernel (LayerNorm, attention, the MLP's GELU) call their op
 through `self.ops`: npgpt.ops itself, or kernels.fused_ops's table, which the model
@@ -30,7 +34,8 @@ class Linear:
     def __init__(self, params, grads, name, scratch=None, ws=None):
         self.w, self.b = params[name + ".weight"], params[name + ".bias"]
         self.dw, self.db = grads[name + ".weight"], grads[name + ".bias"]
-        self.ws, self.scratch = ws or ops.Workspace(), scratch or ops.Workspace()
+        self.scratch = scratch or ops.Workspace()
+        self.ws = ws or self.scratch.new()
 
     def forward(self, x):
         out, self.cache = ops.linear_forward(x, self.w, self.b, self.ws)
@@ -48,7 +53,8 @@ class LayerNorm:
         self.w, self.b = params[name + ".weight"], params[name + ".bias"]
         self.dw, self.db = grads[name + ".weight"], grads[name + ".bias"]
         self.eps, self.ops = eps, ops
-        self.ws, self.scratch = ops.Workspace(), scratch or ops.Workspace()
+        self.scratch = scratch or ops.Workspace()
+        self.ws = self.scratch.new()
 
     def forward(self, x):
         out, self.cache = self.ops.layernorm_forward(x, self.w, self.b, self.eps, self.ws)
@@ -92,7 +98,7 @@ class CausalSelfAttention:
                              scratch["residual"])
         self.resid_dropout = Dropout(dropout, rng)
         self.n_head, self.p, self.rng, self.ops = n_head, dropout, rng, ops
-        self.ws, self.scratch = ops.Workspace(), scratch["core"]
+        self.ws, self.scratch = scratch["core"].new(), scratch["core"]
 
     def forward(self, x, train, kv=None):
         qkv = self.c_attn.forward(x)  # (B,T,3C)
@@ -120,7 +126,7 @@ class MLP:
         self.c_proj = Linear(params, grads, name + ".c_proj", scratch["linear"],
                              scratch["residual"])
         self.dropout = Dropout(dropout, rng)
-        self.ops, self.ws, self.scratch = ops, ops.Workspace(), scratch["core"]
+        self.ops, self.ws, self.scratch = ops, scratch["core"].new(), scratch["core"]
 
     def forward(self, x, train):
         h, self.gelu_cache = self.ops.gelu_forward(self.c_fc.forward(x), self.ws)  # (B,T,4C)
@@ -144,9 +150,14 @@ class Block:
                                         config.dropout, rng, scratch, ops)
         self.ln_2 = LayerNorm(params, grads, name + ".ln_2", scratch=scratch["ln_2"], ops=ops)
         self.mlp = MLP(params, grads, name + ".mlp", config.dropout, rng, scratch, ops)
+        self.in_place = scratch["residual"].reuse  # the training path's memory reuse
 
     def forward(self, x, train, kv=None):
-        """Adds both branches into the residual stream x in place and returns it."""
+        """x + attn(ln_1(x)), then + mlp(ln_2(.)): added into x in place when the model
+        reuses memory (the training path), else into a new array (x stays the caller's)."""
+        if not self.in_place:
+            x = x + self.attn.forward(self.ln_1.forward(x), train, kv)
+            return x + self.mlp.forward(self.ln_2.forward(x), train)
         x += self.attn.forward(self.ln_1.forward(x), train, kv)
         x += self.mlp.forward(self.ln_2.forward(x), train)
         return x

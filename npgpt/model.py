@@ -60,13 +60,17 @@ def _divisors_hint(n):
 class GPT:
     """A GPT-2-layout decoder. `params` / `grads`: {Hugging Face name: array view}."""
 
-    def __init__(self, config, seed=0, dtype="float32", device="cpu", init=True):
+    def __init__(self, config, seed=0, dtype="float32", device="cpu", init=True,
+                 reuse_memory=False):
         """init=False leaves the parameters at zero, for a caller that loads them (it
-        skips drawing random weights: ~1.5 s for GPT-2 124M)."""
+        skips drawing random weights: ~1.5 s for GPT-2 124M). reuse_memory=True is the
+        training path's: layers write into memory they reuse from call to call (faster;
+        an array a layer returned is overwritten by its next call); the default gives
+        every call new arrays and never changes its inputs (see layers.py)."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         self.config, self.dtype = config, np.dtype(dtype)
-        self.device = resolve_device(device)
+        self.device, self._reuse = resolve_device(device), bool(reuse_memory)
         xp = array_module(self.device)
         init_seed, dropout_seed = np.random.SeedSequence(seed).spawn(2)
         shapes = gpt2_param_shapes(config)
@@ -85,15 +89,16 @@ class GPT:
         self.grads = FlatDict(xp.zeros_like(params.flat), gpt2_param_shapes(config))
         p, g = self.params, self.grads
         self.ops = kernels.fused_ops(xp, self.dtype)  # ops.py, or fused kernels on a GPU
-        vocab_ws = ops.Workspace()  # the (V, C) scratch of the embedding and the tied head
+        reuse = self._reuse
+        scratch = defaultdict(lambda: ops.Workspace(reuse))  # shared by every block (layers.py)
+        vocab_ws = scratch["vocab"]  # the (V, C) scratch of the embedding and the tied head
         self.embedding = Embedding(p, g, vocab_ws)
         self.drop = Dropout(config.dropout, self.rng)
-        scratch = defaultdict(ops.Workspace)  # shared by every block (see layers.py)
         self.blocks = [Block(p, g, f"transformer.h.{i}", config, self.rng, scratch, self.ops)
                        for i in range(config.n_layer)]
-        self.ln_f = LayerNorm(p, g, "transformer.ln_f", ops=self.ops)
+        self.ln_f = LayerNorm(p, g, "transformer.ln_f", scratch=scratch["ln_f"], ops=self.ops)
         self.head = TiedHead(p, g, vocab_ws)
-        self._loss_ws, self._loss_cache = ops.Workspace(), None
+        self._loss_ws, self._loss_cache = scratch["loss"], None
 
     def replica(self):
         """A model that shares this one's parameters (the same buffer: an update of either
@@ -101,12 +106,26 @@ class GPT:
         of its own: a data-parallel worker (see parallel.py)."""
         twin = object.__new__(GPT)
         twin.config, twin.dtype, twin.device = self.config, self.dtype, self.device
+        twin._reuse = self._reuse
         twin._build(self.params, RandomStream(self.xp, self.rng.key))
         return twin
 
     @property
     def xp(self):
         return get_xp(self.params.flat)
+
+    @property
+    def reuse_memory(self):
+        """Whether the layers reuse their memory (see __init__)."""
+        return self._reuse
+
+    @reuse_memory.setter
+    def reuse_memory(self, reuse):
+        """Rebuild the layers for the other memory policy (the gradients restart at zero:
+        set it before training, as the Trainer does for a model it loaded)."""
+        if bool(reuse) != self._reuse:
+            self._reuse = bool(reuse)
+            self._build(self.params, self.rng)
 
     def num_params(self):
         return int(self.params.flat.size)

@@ -6,17 +6,20 @@ Glossary (used in every shape comment in npgpt):
     nh number of heads        hs head size = C // nh
 
 Every `*_forward(...)` returns `(out, cache)`; the matching `*_backward(dout, cache)`
-returns the gradient of the loss with respect to each floating-point input, in the
-order of the forward's arguments (integer inputs such as token ids get none). The
+returns the gradient of the loss with respect to each differentiable input, in the
+order of the forward's arguments (token ids, masks and constants such as eps get none).
+`reference.py` holds the same ops as a textbook writes them, without these speed-ups. The
 functions are pure (no state, no parameter updates), which is what the gradient checks
 in tests/ perturb, and they take their array module from their inputs, so they run
-unchanged on NumPy or CuPy. Scalars are Python floats: a NumPy float64 scalar would
-silently promote float32 arrays to float64. Most ops take an optional Workspace `ws`
+unchanged on NumPy or CuPy. Scalars are Python floats: under NumPy 2's promotion rules
+(NEP 50) a NumPy float64 scalar silently promotes float32 arrays to float64 (NumPy 1.x
+looked at the scalar's value instead). Most ops take an optional Workspace `ws`
 saying where their results go: the layers pass one so that a training step reuses the
 previous step's memory; without one every result is a new array (same arithmetic).
 """
 import functools
 import math
+from collections import namedtuple
 
 import numpy as np
 
@@ -43,8 +46,21 @@ class Workspace:
                 self.arrays[name] = a
         return a[:size].reshape(shape)
 
+    def new(self):
+        """Another Workspace that reuses its memory exactly when this one does."""
+        return Workspace(self.reuse)
+
 
 FRESH = Workspace(reuse=False)
+
+# what each forward keeps for its backward, by name (a learner can read cache.att)
+EmbeddingCache = namedtuple("EmbeddingCache", "idx wte_shape wpe_shape")
+LinearCache = namedtuple("LinearCache", "x w")
+HeadCache = namedtuple("HeadCache", "x wte")
+LayerNormCache = namedtuple("LayerNormCache", "xhat rstd w")
+GeluCache = namedtuple("GeluCache", "x out")
+AttentionCache = namedtuple("AttentionCache", "qs k v att att_used att_mask scale y")
+CrossEntropyCache = namedtuple("CrossEntropyCache", "probs t_safe valid count shape")
 
 
 @functools.lru_cache(maxsize=32)
@@ -76,11 +92,12 @@ def _column_sums(a2):
 
 
 def embedding_forward(idx, wte, wpe, ws=FRESH):
-    """out[b, t] = wte[idx[b, t]] + wpe[t].   idx (B,T) int, wte (V,C), wpe (block_size,C)."""
+    """out[b, t] = wte[idx[b, t]] + wpe[t].   idx (B,T) int, wte (V,C), wpe (block_size,C).
+    Textbook version: reference.embedding_forward."""
     T = idx.shape[1]
     out = get_xp(wte).take(wte, idx, axis=0, out=ws("out", idx.shape + wte.shape[1:], wte))
     out += wpe[:T]  # (B,T,C): gathered rows, positions broadcast over B
-    return out, (idx, wte.shape, wpe.shape)
+    return out, EmbeddingCache(idx, wte.shape, wpe.shape)
 
 
 def embedding_backward(dout, cache, ws=FRESH):
@@ -91,6 +108,7 @@ def embedding_backward(dout, cache, ws=FRESH):
               batch receives the sum of its gradients: `add.at` accumulates duplicates,
               where plain fancy-index assignment would keep only one)
     dwpe[t] = sum over b of dout[b,t]   (rows >= T were not used: zero)
+    Textbook version: reference.embedding_backward.
     """
     idx, wte_shape, wpe_shape = cache
     xp = get_xp(dout)
@@ -142,11 +160,12 @@ def _token_sums_in_fixed_order(idx, dout, dwte):
 
 
 def linear_forward(x, w, b, ws=FRESH):
-    """out = x @ w + b.   x (..., Cin), w (Cin, Cout), b (Cout,) -> (..., Cout)."""
+    """out = x @ w + b.   x (..., Cin), w (Cin, Cout), b (Cout,) -> (..., Cout).
+    Textbook version: reference.linear_forward."""
     x2 = x.reshape(-1, x.shape[-1])  # (N, Cin): one matrix product for all positions
     out = get_xp(x).matmul(x2, w, out=ws("out", (x2.shape[0], w.shape[1]), x))
     out += b
-    return out.reshape(*x.shape[:-1], w.shape[1]), (x, w)  # (..., Cout)
+    return out.reshape(*x.shape[:-1], w.shape[1]), LinearCache(x, w)  # (..., Cout)
 
 
 def linear_backward(dout, cache, ws=FRESH):
@@ -154,6 +173,7 @@ def linear_backward(dout, cache, ws=FRESH):
     dx = dout @ w.T          (each x[n, i] meets w[i, :] in every output of row n)
     dw = x.T @ dout          (summed over all positions n)
     db = sum_n dout[n]       (b is broadcast over positions)
+    Textbook version: reference.linear_backward.
     """
     (x, w), xp = cache, get_xp(dout)
     dout2 = dout.reshape(-1, dout.shape[-1])  # (N, Cout)
@@ -169,15 +189,17 @@ def linear_backward(dout, cache, ws=FRESH):
 
 
 def head_forward(x, wte):
-    """logits = x @ wte.T.   x (..., C), wte (V, C) -> (..., V), always a new array."""
+    """logits = x @ wte.T.   x (..., C), wte (V, C) -> (..., V), always a new array.
+    Textbook version: reference.head_forward."""
     x2 = x.reshape(-1, x.shape[-1])  # (N, C)
-    return (x2 @ wte.T).reshape(*x.shape[:-1], wte.shape[0]), (x, wte)  # (..., V)
+    return (x2 @ wte.T).reshape(*x.shape[:-1], wte.shape[0]), HeadCache(x, wte)  # (..., V)
 
 
 def head_backward(dout, cache, ws=FRESH):
     """forward: logits = x @ wte.T
     dx   = dlogits @ wte
     dwte = dlogits.T @ x     (added by the layer into the embedding's gradient)
+    Textbook version: reference.head_backward.
     """
     (x, wte), xp = cache, get_xp(dout)
     dout2 = dout.reshape(-1, dout.shape[-1])  # (N, V)
@@ -192,7 +214,8 @@ def head_backward(dout, cache, ws=FRESH):
 
 
 def layernorm_forward(x, w, b, eps=1e-5, ws=FRESH):
-    """out = (x - mean) / sqrt(var + eps) * w + b, statistics over the last axis (C)."""
+    """out = (x - mean) / sqrt(var + eps) * w + b, statistics over the last axis (C).
+    Textbook version: reference.layernorm_forward."""
     xp, inv_c = get_xp(x), 1.0 / x.shape[-1]
     mean = _row_sums(x, ws, "mean")
     mean *= inv_c                                             # (..., 1)
@@ -204,7 +227,7 @@ def layernorm_forward(x, w, b, eps=1e-5, ws=FRESH):
     xhat *= rstd
     xp.multiply(xhat, w, out=out)
     out += b
-    return out, (xhat, rstd, w)
+    return out, LayerNormCache(xhat, rstd, w)
 
 
 def layernorm_backward(dout, cache, ws=FRESH):
@@ -215,7 +238,9 @@ def layernorm_backward(dout, cache, ws=FRESH):
     dx    = rstd * (dxhat - mean_C(dxhat) - xhat * mean_C(dxhat * xhat))
             (differentiating through mean and rstd, which depend on every x in the row:
              d mean/dx = 1/C removes the mean of dxhat; d rstd/dx = -rstd^2 xhat/C removes
-             the component of dxhat along xhat)
+             the component of dxhat along xhat, exactly so as eps -> 0, where
+             mean_C(xhat^2) = 1)
+    Textbook version: reference.layernorm_backward.
     """
     xhat, rstd, w = cache
     xp, C = get_xp(dout), xhat.shape[-1]
@@ -240,7 +265,8 @@ _GELU_A = 0.044715
 def gelu_forward(x, ws=FRESH):
     """out = 0.5 x (1 + tanh(u)),  u = k (x + a x^3) = x (k + k a x^2),
     k = sqrt(2/pi), a = 0.044715. The cache holds x and out (kept anyway as the next
-    layer's input): backward recomputes tanh(u) rather than keep a third such array."""
+    layer's input): backward recomputes tanh(u) rather than keep a third such array.
+    Textbook version: reference.gelu_forward."""
     xp = get_xp(x)
     out = xp.multiply(x, x, out=ws("out", x.shape, x))  # x^2
     out *= _GELU_K * _GELU_A
@@ -250,7 +276,7 @@ def gelu_forward(x, ws=FRESH):
     out += 1.0
     out *= x
     out *= 0.5
-    return out, (x, out)
+    return out, GeluCache(x, out)
 
 
 def gelu_backward(dout, cache, ws=FRESH):
@@ -258,6 +284,7 @@ def gelu_backward(dout, cache, ws=FRESH):
     dout/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx,   du/dx = k (1 + 3 a x^2)
             = 0.5 (1 + t) + A (1 - t),  A = out du/dx      (0.5 x (1 + t) is out)
             = 1 + (A - 0.5) (1 - t)
+    Textbook version: reference.gelu_backward.
     """
     (x, out), xp = cache, get_xp(dout)
     dx = xp.multiply(x, x, out=ws("dx", x.shape, dout))  # x^2
@@ -282,12 +309,14 @@ def gelu_backward(dout, cache, ws=FRESH):
 def dropout_forward(x, mask):
     """Inverted dropout with a given mask: out = x * mask, where mask holds 0 for a
     dropped unit and 1/(1-p) for a kept one (so the expectation of out is x).
-    The mask is drawn by the layer from the model's generator; the op is pure."""
+    The mask is drawn by the layer from the model's generator; the op is pure.
+    Textbook version: reference.dropout_forward."""
     return x * mask, mask
 
 
 def dropout_backward(dout, mask):
-    """forward: out = x * mask   ->   dx = dout * mask."""
+    """forward: out = x * mask   ->   dx = dout * mask.
+    Textbook version: reference.dropout_backward."""
     return (dout * mask,)
 
 
@@ -343,8 +372,9 @@ def attention_forward(qkv, n_head, att_mask=None, ws=FRESH, *, softmax=causal_so
     att_mask, if given, is a dropout keep-mask of shape (B,nh,T,T) applied to the
     attention weights (as nanoGPT's attn_dropout).
         att = softmax(q k^T / sqrt(hs) + causal)     (B,nh,T,T)
-        y   = att v                                  (B,nh,T,hs) -> merged to (B,T,C)
+        y   = (att * att_mask) v                     (B,nh,T,hs) -> merged to (B,T,C)
     softmax: the in-place step scores -> weights (kernels.py passes its fused one).
+    Textbook version: reference.attention_forward.
     """
     xp = get_xp(qkv)
     B, T, C3 = qkv.shape
@@ -358,7 +388,7 @@ def attention_forward(qkv, n_head, att_mask=None, ws=FRESH, *, softmax=causal_so
     y = ws("y", (B, T, C3 // 3), qkv)
     # (B,nh,T,T) @ (B,nh,T,hs) written straight into y's (B,T,nh,hs) layout: no merge copy
     xp.matmul(att_used, v, out=y.reshape(B, T, n_head, -1).transpose(0, 2, 1, 3))
-    return y, (qs, k, v, att, att_used, att_mask, scale, y)
+    return y, AttentionCache(qs, k, v, att, att_used, att_mask, scale, y)
 
 
 def attention_backward(dy, cache, ws=FRESH, *, softmax_backward=causal_softmax_backward):
@@ -375,6 +405,7 @@ def attention_backward(dy, cache, ws=FRESH, *, softmax_backward=causal_softmax_b
             sum_j datt_ij att_ij = sum_j da_ij a_ij = sum_j (dy_i . v_j) a_ij = dy_i . y_i
         (1) dq = ds k * scale ;  dk = ds^T qs
     Returns dqkv (B,T,3C). softmax_backward: steps (3) and (2), in place.
+    Textbook version: reference.attention_backward.
     """
     qs, k, v, att, att_used, att_mask, scale, y = cache
     xp, (B, nh, T, hs) = get_xp(dy), qs.shape
@@ -400,7 +431,9 @@ def cross_entropy_forward(logits, targets, ignore_index=-1, ws=FRESH):
     """Mean over positions whose target is not ignore_index of -log softmax(logits)[target].
 
     logits (..., V), targets (...) int. Stable: log-sum-exp after subtracting each row's max.
-    Returns a 0-d array (the loss) and the cache; no host synchronisation happens here.
+    Returns the loss (a 0-d array, or a NumPy scalar on the CPU) and the cache; no host
+    synchronisation happens here.
+    Textbook version: reference.cross_entropy_forward.
     """
     xp = get_xp(logits)
     V = logits.shape[-1]
@@ -416,12 +449,13 @@ def cross_entropy_forward(logits, targets, ignore_index=-1, ws=FRESH):
     nll = xp.log(sumexp[:, 0]) - z_target       # log-sum-exp minus the target logit
     count = valid.sum().astype(logits.dtype)    # positions that carry a target
     loss = (nll * valid).sum() / count
-    return loss, (probs, t_safe, valid, count, logits.shape)
+    return loss, CrossEntropyCache(probs, t_safe, valid, count, logits.shape)
 
 
 def cross_entropy_backward(dloss, cache, ws=FRESH):
     """forward: loss = (1/n) sum_valid [ logsumexp(z_i) - z_i[t_i] ]
-    dlogits_i = dloss/n * (softmax(z_i) - onehot(t_i)) for valid rows, 0 for ignored rows."""
+    dlogits_i = dloss/n * (softmax(z_i) - onehot(t_i)) for valid rows, 0 for ignored rows.
+    Textbook version: reference.cross_entropy_backward."""
     probs, t_safe, valid, count, shape = cache
     xp = get_xp(probs)
     dlogits = ws("dlogits", probs.shape, probs)
@@ -438,7 +472,8 @@ def cross_entropy_backward(dloss, cache, ws=FRESH):
 def attention_with_cache(qkv, n_head, k_cache, v_cache, pos):
     """Causal attention of Tn new positions (pos .. pos+Tn-1) against every key so far:
     qkv (B,Tn,3C); k_cache, v_cache (B,nh,block_size,hs) hold the keys/values of positions
-    < pos and receive the new ones. Returns y (B,Tn,C): attention_forward's new rows."""
+    < pos and receive the new ones. Returns y (B,Tn,C): attention_forward's new rows.
+    Textbook version: reference.attention_with_cache."""
     xp = get_xp(qkv)
     B, Tn, C3 = qkv.shape
     end = pos + Tn

@@ -120,6 +120,7 @@ class Trainer:
                                n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                                dropout=cfg.dropout)
             self.model = GPT(config, seed=cfg.seed, dtype=cfg.dtype, device=cfg.device)
+        self.model.reuse_memory = True  # the training path: layers reuse their memory
         with comm.root_first():  # rank 0 encodes the token cache; ranks beside it reuse it
             self.data = datasets.prepare_tokens(corpus, self.tokenizer,
                                                 os.path.join(cfg.out_dir, "data"))

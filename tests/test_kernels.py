@@ -58,9 +58,9 @@ def test_layernorm(xp, shape):
     out, cache = kernels.layernorm_forward(x, w, b)
     ref, ref_cache = ops.layernorm_forward(as64(x), as64(w), as64(b))
     assert_matches(out, ref)
-    assert_matches(cache[0], ref_cache[0])                      # xhat
-    assert cache[1].shape == ref_cache[1].shape == shape[:-1] + (1,)
-    assert_matches(cache[1], ref_cache[1])                      # rstd
+    assert_matches(cache.xhat, ref_cache.xhat)
+    assert cache.rstd.shape == ref_cache.rstd.shape == shape[:-1] + (1,)
+    assert_matches(cache.rstd, ref_cache.rstd)
     for got, want in zip(kernels.layernorm_backward(dout, cache),
                          ops.layernorm_backward(as64(dout), ref_cache)):
         assert got.shape == want.shape

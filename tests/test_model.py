@@ -226,3 +226,36 @@ def test_backward_after_generate_is_refused():
     m.generate(idx[:, :2], 2)
     with pytest.raises(RuntimeError, match="forward"):
         m.backward()
+
+
+def test_public_calls_return_the_callers_arrays_unless_memory_is_reused():
+    """By default a layer's output is a new array and its input is left alone, so a learner
+    can keep and compare activations; reuse_memory=True (the Trainer's setting) computes
+    the same numbers in reused memory."""
+    cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8)
+    idx = np.random.default_rng(0).integers(0, 11, (2, 8))
+    model = GPT(cfg, seed=1)
+    assert not model.reuse_memory
+    e1 = model.embedding.forward(idx)
+    kept = e1.copy()
+    model.embedding.forward(idx[:, ::-1].copy())
+    np.testing.assert_array_equal(e1, kept)              # not overwritten by the next call
+    a0 = model.blocks[0].attn.forward(e1, False)
+    a0_kept = a0.copy()
+    model.blocks[1].attn.forward(e1 + 1.0, False)
+    np.testing.assert_array_equal(a0, a0_kept)
+    out = model.blocks[0].forward(e1, False)
+    np.testing.assert_array_equal(e1, kept)              # the block's input is unchanged
+    assert out is not e1
+    # the same numbers either way, bit for bit
+    runs = []
+    for reuse in (False, True):
+        m = GPT(cfg, seed=1, reuse_memory=reuse)
+        loss = m.forward(idx[:, :-1], idx[:, 1:])[1]
+        runs.append((float(loss), m.backward().flat.copy()))
+    assert runs[0][0] == runs[1][0]
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
+    # switching rebuilds the layers for the other policy (the training path's)
+    model.reuse_memory = True
+    e2 = model.embedding.forward(idx)
+    assert model.blocks[0].forward(e2, False) is e2      # added in place

@@ -82,7 +82,7 @@ def test_attention_is_causal_and_masked_entries_get_zero_gradient():
     B, T, nh, hs = 2, 6, 2, 3
     qkv = randn(B, T, 3 * nh * hs)
     y, cache = ops.attention_forward(qkv, nh)
-    att = cache[3]
+    att = cache.att
     future = np.triu(np.ones((T, T), dtype=bool), k=1)
     assert np.all(att[..., future] == 0.0)
     np.testing.assert_allclose(att.sum(-1), 1.0, rtol=1e-12)

@@ -29,6 +29,7 @@ def trained(tmp_path, corpus, workers, **kw):
     t = Trainer(tiny(tmp_path / f"w{workers}", corpus, workers=workers, dtype="float64",
                      max_iters=20, **kw), progress=False, out=lambda *_: None)
     assert t.workers.n == workers
+    assert all(w.reuse_memory for w in t.workers.replicas)  # the training path
     t.run()
     return t.model.params.flat
 
