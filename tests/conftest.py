@@ -33,9 +33,8 @@ def shared_data_dir():
     return None
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    """A ~30 kB text file with some structure for a tiny model to learn."""
+def write_corpus(folder):
+    """folder/corpus.txt: a ~30 kB text with some structure for a tiny model to learn."""
     rng = np.random.default_rng(0)
     words = ["the", "king", "queen", "shall", "not", "be", "my", "lord", "thou", "art",
              "good", "night", "sweet", "prince", "and", "to", "love"]
@@ -43,6 +42,12 @@ def corpus(tmp_path):
     for _ in range(900):
         name = rng.choice(["ROMEO", "JULIET", "HAMLET"])
         lines.append(f"{name}:\n" + " ".join(rng.choice(words, size=6)) + ".\n")
-    path = tmp_path / "corpus.txt"
+    path = folder / "corpus.txt"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A ~30 kB text file with some structure for a tiny model to learn."""
+    return write_corpus(tmp_path)

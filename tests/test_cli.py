@@ -9,7 +9,7 @@ import pytest
 
 from npgpt import load
 
-from conftest import ROOT, shared_data_dir, steps_logged, wait_for
+from conftest import ROOT, shared_data_dir, steps_logged, wait_for, write_corpus
 
 TINY = ["--preset", "tiny", "--max-iters", "12", "--eval-interval", "6", "--eval-iters", "2"]
 
@@ -90,15 +90,22 @@ def test_generate_bad_inputs(tmp_path, corpus):
     assert_clean_error(run("generate.py", "--top-p", "2", cwd=tmp_path, check=False), "top_p")
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """(args, parameters) of a 300-iteration run that nothing interrupts."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    args = ["--preset", "tiny", "--max-iters", "300", "--eval-interval", "50", "--eval-iters", "1",
+            "--log-interval", "1", "--dropout", "0.1", "--data", str(write_corpus(folder))]
+    run("train.py", *args, cwd=folder)
+    return args, load(folder / "out" / "ckpt.npz")[0].params.flat
+
+
 @pytest.mark.parametrize("how", ["sigkill", "sigint", "sigterm", "sighup"])
-def test_interrupted_process_resumes_bit_identically(tmp_path, corpus, how):
+def test_interrupted_process_resumes_bit_identically(tmp_path, uninterrupted, how):
     """kill -9 keeps the last eval's checkpoint; Ctrl-C, a scheduler's SIGTERM and a closed
     terminal's SIGHUP save one at the current iteration and exit with 128 + the signal."""
-    args = ["--preset", "tiny", "--max-iters", "300", "--eval-interval", "50", "--eval-iters", "1",
-            "--log-interval", "1", "--dropout", "0.1", "--data", str(corpus)]
-    (tmp_path / "a").mkdir()
+    args, straight = uninterrupted
     (tmp_path / "b").mkdir()
-    run("train.py", *args, cwd=tmp_path / "a")
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path / "b",
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: steps_logged(tmp_path / "b", 60) or proc.poll() is not None, "steps")
@@ -112,6 +119,5 @@ def test_interrupted_process_resumes_bit_identically(tmp_path, corpus, how):
         assert f"interrupted by {how.upper()} at iteration {extra['iter']}; checkpoint saved" \
             in out, out
     run("train.py", *args, "--resume", cwd=tmp_path / "b")
-    a, _ = load(tmp_path / "a" / "out" / "ckpt.npz")
     b, _ = load(tmp_path / "b" / "out" / "ckpt.npz")
-    np.testing.assert_array_equal(a.params.flat, b.params.flat)
+    np.testing.assert_array_equal(b.params.flat, straight)
