@@ -59,16 +59,20 @@ def _module(xp):
     return xp.RawModule(code=SOURCE.read_text(), options=("--std=c++17",))
 
 
+@functools.lru_cache(maxsize=64)
+def _kernel(xp, name):
+    """The compiled kernel `name` (looked up once, not at every launch)."""
+    return _module(xp).get_function(name)
+
+
 def _rows(name, xp, rows, *args):
     """Launch a row kernel: one warp per row."""
-    kernel = _module(xp).get_function(name)
-    kernel((max(1, math.ceil(rows / WARPS)),), (32 * WARPS,), args)
+    _kernel(xp, name)((max(1, math.ceil(rows / WARPS)),), (32 * WARPS,), args)
 
 
 def _flat(name, xp, n, *args):
     """Launch a flat kernel: one thread per element, at most MAX_BLOCKS blocks."""
-    kernel = _module(xp).get_function(name)
-    kernel((max(1, min(math.ceil(n / THREADS), MAX_BLOCKS)),), (THREADS,), args)
+    _kernel(xp, name)((max(1, min(math.ceil(n / THREADS), MAX_BLOCKS)),), (THREADS,), args)
 
 
 def _contiguous(a):
