@@ -104,8 +104,8 @@ def layernorm_backward(dout, cache, ws=FRESH):
     dx = ws("dx", xhat.shape, dout)
     _rows("layernorm_backward", xp, rows, dout, xhat, rstd, _contiguous(w), dx,
           np.int32(rows), np.int32(C))
-    db = dout.reshape(-1, C).sum(axis=0)
-    dw = xp.multiply(dout, xhat, out=ws("tmp", xhat.shape, dout)).reshape(-1, C).sum(axis=0)
+    db = ops._column_sums(dout.reshape(-1, C))
+    dw = ops._column_sums(xp.multiply(dout, xhat, out=ws("tmp", xhat.shape, dout)).reshape(-1, C))
     return dx, dw, db
 
 

@@ -97,15 +97,17 @@ class Workers:
             self._controller = ThreadpoolController()
 
     def _run(self, job, x, y):
-        """job(worker, x_rows, y_rows, weight, part) on every worker at once; their results
-        in worker order. Weights are each worker's share of the valid targets."""
+        """job(worker, x_rows, y_rows, weight, part) on every worker at once; the sum of
+        their results, added in worker order. Weights are each worker's share of the valid
+        targets."""
         if self.n == 1:
-            return [job(self.model, x, y, 1.0, None)]
+            return job(self.model, x, y, 1.0, None)
         parts = row_slices(x.shape[0], self.n)
         counts = [int(np.count_nonzero(np.asarray(y[p]) != -1)) for p in parts]
-        if sum(counts) == 0:
+        total = sum(counts)
+        if total == 0:
             raise ValueError("every target is ignore_index (-1): there is nothing to learn from")
-        weights = [c / sum(counts) for c in counts]
+        weights = [c / total for c in counts]
         errstate = np.geterr()  # NumPy's error settings are per thread: the caller's hold
 
         def in_thread(*args):
@@ -120,7 +122,7 @@ class Workers:
                             (0, parts[0].stop, x.shape[0]))
             finally:  # every worker has stopped before anything is raised or returned
                 wait(futures)
-            return [first] + [f.result() for f in futures]  # raises a worker's error
+            return sum((f.result() for f in futures), first)  # raises a worker's error
 
     def forward_backward(self, x, y, train=True, accumulate=False):
         """Forward and backward of the batch (x, y: host (B, T) arrays) over the workers.
@@ -146,13 +148,12 @@ class Workers:
             worker.backward(accumulate=own, dloss=weight)
             return loss * weight
 
-        losses = self._run(job, x, y)
+        loss = self._run(job, x, y)
         for replica in self.replicas[1:]:  # in worker order: the same bits every run
             self.model.grads.flat += replica.grads.flat
-        return sum(losses[1:], losses[0])
+        return loss
 
     def loss(self, x, y):
         """The batch's mean loss without a backward (evaluation)."""
-        losses = self._run(lambda w, xs, ys, weight, rows:
-                           w.forward(xs, ys)[1] * weight if weight else 0.0, x, y)
-        return sum(losses[1:], losses[0])
+        return self._run(lambda w, xs, ys, weight, rows:
+                         w.forward(xs, ys)[1] * weight if weight else 0.0, x, y)
