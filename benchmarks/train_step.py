@@ -162,7 +162,7 @@ def loop_throughput(iters=100):
             for group in opt.param_groups:
                 group["lr"] = get_lr(it, cfg)
             opt.zero_grad(set_to_none=True)
-            loss = tm(torch.from_numpy(x), torch.from_numpy(y))  # int64 batches, as npgpt gets
+            loss = tm(torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64)))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(tm.parameters(), cfg.grad_clip)
             opt.step()
