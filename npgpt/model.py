@@ -16,7 +16,7 @@ from .backend import RandomStream, array_module, get_xp, resolve_device, to_nump
 from .layers import Block, Dropout, Embedding, LayerNorm, TiedHead
 from .params import FlatDict, flat_size, gpt2_param_shapes, init_gpt2
 
-DTYPES = ("float32", "float64")
+DTYPES = ("float16", "float32", "float64")
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,10 @@ class GPT:
         """Gradients, layers and workspaces around `params` (a FlatDict)."""
         xp, config = get_xp(params.flat), self.config
         self.params, self.rng = params, rng
-        self.grads = FlatDict(xp.zeros_like(params.flat), gpt2_param_shapes(config))
+        # float16 parameters get float32 gradients: the tied head's and the embedding's
+        # parts, the workers' and the micro-batches' are added up in float32 (mixed.py)
+        self.grads = FlatDict(xp.zeros(params.flat.size, dtype=ops.sum_dtype(self.dtype)),
+                              gpt2_param_shapes(config))
         p, g = self.params, self.grads
         self.ops = kernels.fused_ops(xp, self.dtype)  # ops.py, or fused kernels on a GPU
         reuse = self._reuse

@@ -28,7 +28,7 @@ from .backend import get_xp
 
 class Workspace:
     """Memory reused from one call of an op to the next: `ws(name, shape, like)` returns
-    an array of `shape` (like's dtype) in the memory kept under `name`, grown as needed.
+    an array of `shape` (like's dtype, or `dtype`) in the memory kept under `name`, grown as needed.
     A fresh 8 MB result costs more (the kernel faults in and zeroes its pages) than a
     matrix product written into memory already mapped. What an op writes lives until
     the next use of the same name, so layers choose who shares a workspace (layers.py).
@@ -37,13 +37,13 @@ class Workspace:
     def __init__(self, reuse=True):
         self.reuse, self.arrays = reuse, {}
 
-    def __call__(self, name, shape, like):
-        size = math.prod(shape)
-        a = self.arrays.get(name)
-        if a is None or a.size < size or a.dtype != like.dtype:
-            a = get_xp(like).empty(size, dtype=like.dtype)
+    def __call__(self, name, shape, like, dtype=None):
+        size, dtype = math.prod(shape), np.dtype(like.dtype if dtype is None else dtype)
+        a = self.arrays.get((name, dtype))  # (a float16 model keeps float32 sums beside)
+        if a is None or a.size < size:
+            a = get_xp(like).empty(size, dtype=dtype)
             if self.reuse:
-                self.arrays[name] = a
+                self.arrays[name, dtype] = a
         return a[:size].reshape(shape)
 
     def new(self):
@@ -68,22 +68,52 @@ def _ones(n, dtype):
     return np.ones(n, dtype=dtype)
 
 
-def _row_sums(a, ws, name):
-    """(..., 1) row sums of `a`. On the CPU one matrix-vector product a @ ones (BLAS beats
-    NumPy's reductions over short rows several times); on a GPU a reduction kernel (with
-    TF32 on, a matrix product would round every term to 10 bits)."""
+def sum_dtype(dtype):
+    """The dtype a sum over many terms is taken in: float32 for float16, else dtype itself.
+    float16 has an 11-bit mantissa and a largest value of 65504: a running sum of 2048
+    terms of 1.0 stops growing (2048 + 1 rounds back to 2048), and a row of 384 squares
+    of 20 overflows. So every reduction of a float16 model (LayerNorm's mean and variance,
+    softmax's row sums, the log-sum-exp, the parameter gradients' sums) is float32."""
+    return np.dtype(np.float32) if np.dtype(dtype) == np.float16 else np.dtype(dtype)
+
+
+def matmul(a, b, out=None):
+    """a @ b (into `out`, else a new array of a's dtype).
+
+    float16 inputs are multiplied with float32 sums and the result rounded to float16
+    once, as a GPU's tensor cores do: CuPy's float16 product does that itself. NumPy's
+    float16 matmul has no BLAS (100x slower than float32 here), so on the CPU the inputs
+    are copied to float32 (exact: every float16 is a float32), multiplied by float32 BLAS
+    and the result rounded once: the same numbers, at float32's speed plus two copies."""
     xp = get_xp(a)
-    out = ws(name, a.shape[:-1] + (1,), a)
-    if xp is not np:
-        return a.sum(axis=-1, keepdims=True, out=out)
+    if xp is not np or a.dtype != np.float16:
+        return xp.matmul(a, b, out=out)
+    product = np.matmul(a.astype(np.float32), b.astype(np.float32))
+    if out is None:
+        return product.astype(np.float16)
+    out[...] = product
+    return out
+
+
+def _row_sums(a, ws, name):
+    """(..., 1) row sums of `a`, in sum_dtype. On the CPU one matrix-vector product
+    a @ ones (BLAS beats NumPy's reductions over short rows several times); on a GPU, and
+    for float16, a reduction that adds in float32 (with TF32 on, a matrix product would
+    round every term to 10 bits)."""
+    xp, acc = get_xp(a), sum_dtype(a.dtype)
+    out = ws(name, a.shape[:-1] + (1,), a, acc)
+    if xp is not np or acc != a.dtype:
+        return a.sum(axis=-1, keepdims=True, dtype=acc, out=out)
     np.matmul(a.reshape(-1, a.shape[-1]), _ones(a.shape[-1], a.dtype), out=out.reshape(-1))
     return out
 
 
 def _column_sums(a2):
-    """(C,) column sums of a2 (N, C): ones @ a2 by BLAS on the CPU, as _row_sums."""
-    if get_xp(a2) is not np:
-        return a2.sum(axis=0)
+    """(C,) column sums of a2 (N, C) in sum_dtype: ones @ a2 by BLAS on the CPU, as
+    _row_sums."""
+    acc = sum_dtype(a2.dtype)
+    if get_xp(a2) is not np or acc != a2.dtype:
+        return a2.sum(axis=0, dtype=acc)
     return np.matmul(_ones(a2.shape[0], a2.dtype), a2)
 
 
@@ -113,7 +143,8 @@ def embedding_backward(dout, cache, ws=FRESH):
     idx, wte_shape, wpe_shape = cache
     xp = get_xp(dout)
     T, C = dout.shape[1:]
-    dwte = ws("dwte", wte_shape, dout)
+    acc = sum_dtype(dout.dtype)  # a token's rows add up in float32 for a float16 model
+    dwte = ws("dwte", wte_shape, dout, acc)
     if xp is np:
         dwte.fill(0)
         # add.at (fastest on 1-D indices): one scalar per (position, channel) into dwte[idx*C + c]
@@ -121,9 +152,9 @@ def embedding_backward(dout, cache, ws=FRESH):
         np.add.at(dwte.reshape(-1), flat, dout.reshape(-1))
     else:  # a GPU's add.at adds with atomics, in no fixed order: the last bits would vary
         _token_sums_in_fixed_order(idx, dout, dwte)
-    dwpe = ws("dwpe", wpe_shape, dout)
+    dwpe = ws("dwpe", wpe_shape, dout, acc)
     dwpe[T:] = 0
-    dout.sum(axis=0, out=dwpe[:T])
+    dout.sum(axis=0, dtype=acc, out=dwpe[:T])
     return dwte, dwpe
 
 
@@ -143,7 +174,7 @@ def _token_sums_in_fixed_order(idx, dout, dwte):
     N = ids.shape[0]
     order = xp.argsort(ids * N + xp.arange(N))         # distinct keys: one order, any sort
     ids = ids[order]
-    s = dout.reshape(-1, C)[order]                     # (N, C) rows grouped by token
+    s = dout.reshape(-1, C)[order].astype(dwte.dtype, copy=False)  # (N, C) rows by token
     step = 1
     while step < N:
         same = (ids[step:] == ids[:-step])[:, None]   # (N-step, 1): row i-step in i's segment
@@ -163,7 +194,7 @@ def linear_forward(x, w, b, ws=FRESH):
     """out = x @ w + b.   x (..., Cin), w (Cin, Cout), b (Cout,) -> (..., Cout).
     Textbook version: reference.linear_forward."""
     x2 = x.reshape(-1, x.shape[-1])  # (N, Cin): one matrix product for all positions
-    out = get_xp(x).matmul(x2, w, out=ws("out", (x2.shape[0], w.shape[1]), x))
+    out = matmul(x2, w, out=ws("out", (x2.shape[0], w.shape[1]), x))
     out += b
     return out.reshape(*x.shape[:-1], w.shape[1]), LinearCache(x, w)  # (..., Cout)
 
@@ -175,11 +206,11 @@ def linear_backward(dout, cache, ws=FRESH):
     db = sum_n dout[n]       (b is broadcast over positions)
     Textbook version: reference.linear_backward.
     """
-    (x, w), xp = cache, get_xp(dout)
+    x, w = cache
     dout2 = dout.reshape(-1, dout.shape[-1])  # (N, Cout)
     x2 = x.reshape(-1, x.shape[-1])           # (N, Cin)
-    dx = xp.matmul(dout2, w.T, out=ws("dx", x2.shape, dout)).reshape(x.shape)  # (..., Cin)
-    dw = xp.matmul(x2.T, dout2, out=ws("dw", w.shape, dout))
+    dx = matmul(dout2, w.T, out=ws("dx", x2.shape, dout)).reshape(x.shape)  # (..., Cin)
+    dw = matmul(x2.T, dout2, out=ws("dw", w.shape, dout))
     db = _column_sums(dout2)
     return dx, dw, db
 
@@ -192,7 +223,7 @@ def head_forward(x, wte):
     """logits = x @ wte.T.   x (..., C), wte (V, C) -> (..., V), always a new array.
     Textbook version: reference.head_forward."""
     x2 = x.reshape(-1, x.shape[-1])  # (N, C)
-    return (x2 @ wte.T).reshape(*x.shape[:-1], wte.shape[0]), HeadCache(x, wte)  # (..., V)
+    return matmul(x2, wte.T).reshape(*x.shape[:-1], wte.shape[0]), HeadCache(x, wte)  # (..., V)
 
 
 def head_backward(dout, cache, ws=FRESH):
@@ -201,11 +232,11 @@ def head_backward(dout, cache, ws=FRESH):
     dwte = dlogits.T @ x     (added by the layer into the embedding's gradient)
     Textbook version: reference.head_backward.
     """
-    (x, wte), xp = cache, get_xp(dout)
+    x, wte = cache
     dout2 = dout.reshape(-1, dout.shape[-1])  # (N, V)
     x2 = x.reshape(-1, x.shape[-1])           # (N, C)
-    dx = xp.matmul(dout2, wte, out=ws("dx", x2.shape, dout)).reshape(x.shape)  # (..., C)
-    dwte = xp.matmul(dout2.T, x2, out=ws("dwte", wte.shape, dout))
+    dx = matmul(dout2, wte, out=ws("dx", x2.shape, dout)).reshape(x.shape)  # (..., C)
+    dwte = matmul(dout2.T, x2, out=ws("dwte", wte.shape, dout))
     return dx, dwte
 
 
@@ -216,16 +247,17 @@ def head_backward(dout, cache, ws=FRESH):
 def layernorm_forward(x, w, b, eps=1e-5, ws=FRESH):
     """out = (x - mean) / sqrt(var + eps) * w + b, statistics over the last axis (C).
     Textbook version: reference.layernorm_forward."""
-    xp, inv_c = get_xp(x), 1.0 / x.shape[-1]
+    xp, inv_c, acc = get_xp(x), 1.0 / x.shape[-1], sum_dtype(x.dtype)
     mean = _row_sums(x, ws, "mean")
-    mean *= inv_c                                             # (..., 1)
+    mean *= inv_c                                             # (..., 1), float32 for float16
     xhat = xp.subtract(x, mean, out=ws("xhat", x.shape, x))   # x - mean, scaled below
-    out = xp.multiply(xhat, xhat, out=ws("out", x.shape, x))  # (x - mean)^2, in out's memory
-    var = _row_sums(out, ws, "var")
+    # (x - mean)^2 in out's memory; float16 squares overflow past 256, so theirs are float32
+    sq = ws("out", x.shape, x, acc)
+    var = _row_sums(xp.multiply(xhat, xhat, out=sq, dtype=acc), ws, "var")
     var *= inv_c                                              # biased variance, as PyTorch
     rstd = 1.0 / (var + eps) ** 0.5                           # (..., 1)
     xhat *= rstd
-    xp.multiply(xhat, w, out=out)
+    out = xp.multiply(xhat, w, out=ws("out", x.shape, x))
     out += b
     return out, LayerNormCache(xhat, rstd, w)
 
@@ -322,7 +354,7 @@ def dropout_backward(dout, mask):
 
 def dropout_mask(shape, p, rng, dtype):
     """A keep-mask for inverted dropout: 1/(1-p) with probability 1-p, else 0."""
-    keep = rng.random(shape, dtype=dtype) >= p
+    keep = rng.random(shape, dtype=np.promote_types(dtype, np.float32)) >= p  # (no float16 draws)
     return keep.astype(dtype) * (1.0 / (1.0 - p))
 
 
@@ -352,6 +384,7 @@ def causal_softmax(att, ws=FRESH):
     att -= xp.max(att, axis=-1, keepdims=True, out=ws("rowmax", att.shape[:-1] + (1,), att))
     xp.exp(att, out=att)                          # stable softmax: every row's max is 0, and
     att *= 1.0 / _row_sums(att, ws, "rowsum")     # exp(-inf) = 0: masked weights are exactly 0
+    # (float16: the row max is one of the row's numbers, exact; the row sum is float32)
     return att
 
 
@@ -381,13 +414,13 @@ def attention_forward(qkv, n_head, att_mask=None, ws=FRESH, *, softmax=causal_so
     q, k, v = _split_heads(qkv, n_head)
     scale = 1.0 / math.sqrt(q.shape[-1])
     qs = xp.multiply(q, scale, out=ws("qs", q.shape, qkv))  # scaling q: T/hs times cheaper
-    att = xp.matmul(qs, k.transpose(0, 1, 3, 2), out=ws("att", (B, n_head, T, T), qkv))
+    att = matmul(qs, k.transpose(0, 1, 3, 2), out=ws("att", (B, n_head, T, T), qkv))
     softmax(att, ws)                              # scores -> causal softmax weights
     att_used = att if att_mask is None else xp.multiply(att, att_mask,
                                                         out=ws("att_used", att.shape, att))
     y = ws("y", (B, T, C3 // 3), qkv)
     # (B,nh,T,T) @ (B,nh,T,hs) written straight into y's (B,T,nh,hs) layout: no merge copy
-    xp.matmul(att_used, v, out=y.reshape(B, T, n_head, -1).transpose(0, 2, 1, 3))
+    matmul(att_used, v, out=y.reshape(B, T, n_head, -1).transpose(0, 2, 1, 3))
     return y, AttentionCache(qs, k, v, att, att_used, att_mask, scale, y)
 
 
@@ -412,14 +445,14 @@ def attention_backward(dy, cache, ws=FRESH, *, softmax_backward=causal_softmax_b
     dy4 = dy.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)  # (B,T,C) -> (B,nh,T,hs)
     dqkv = ws("dx", (B, T, 3 * nh * hs), dy)
     dq, dk, dv = _split_heads(dqkv, nh)  # views of dqkv as heads, written in place
-    xp.matmul(att_used.transpose(0, 1, 3, 2), dy4, out=dv)  # (4) dv = a^T dy
-    ds = xp.matmul(dy4, v.transpose(0, 1, 3, 2), out=ws("tmp", att.shape, dy))  # (4) da
+    matmul(att_used.transpose(0, 1, 3, 2), dy4, out=dv)  # (4) dv = a^T dy
+    ds = matmul(dy4, v.transpose(0, 1, 3, 2), out=ws("tmp", att.shape, dy))  # (4) da
     dy_y = xp.multiply(dy, y, out=ws("dy_y", y.shape, dy)).reshape(B, T, nh, hs)
     rowdot = _row_sums(dy_y, ws, "rowdot").transpose(0, 2, 1, 3)  # dy_i . y_i, (B,nh,T,1)
     softmax_backward(ds, att, rowdot, att_mask)             # (3), (2)
-    xp.matmul(ds, k, out=dq)                                 # (1) dq = ds k * scale
+    matmul(ds, k, out=dq)                                 # (1) dq = ds k * scale
     dq *= scale
-    xp.matmul(ds.transpose(0, 1, 3, 2), qs, out=dk)          # (1) dk = ds^T qs
+    matmul(ds.transpose(0, 1, 3, 2), qs, out=dk)          # (1) dk = ds^T qs
     return (dqkv,)
 
 
@@ -447,7 +480,8 @@ def cross_entropy_forward(logits, targets, ignore_index=-1, ws=FRESH):
     sumexp = _row_sums(probs, ws, "sumexp")     # (N, 1), >= 1
     probs *= 1.0 / sumexp
     nll = xp.log(sumexp[:, 0]) - z_target       # log-sum-exp minus the target logit
-    count = valid.sum().astype(logits.dtype)    # positions that carry a target
+    count = valid.sum().astype(sum_dtype(logits.dtype))  # positions with a target (float16
+    # counts exactly only to 2048; the log-sum-exp and the loss are float32 for it too)
     loss = (nll * valid).sum() / count
     return loss, CrossEntropyCache(probs, t_safe, valid, count, logits.shape)
 
@@ -461,7 +495,8 @@ def cross_entropy_backward(dloss, cache, ws=FRESH):
     dlogits = ws("dlogits", probs.shape, probs)
     dlogits[...] = probs
     dlogits[xp.arange(dlogits.shape[0]), t_safe] -= 1.0
-    dlogits *= (valid * (dloss / count))[:, None].astype(dlogits.dtype)
+    dlogits *= (valid * (dloss / count))[:, None].astype(count.dtype)  # (float16 * float32:
+    # the scale dloss/count, ~1e-5 without loss scaling, is below float16's normal range)
     return (dlogits.reshape(shape),)
 
 
@@ -480,12 +515,12 @@ def attention_with_cache(qkv, n_head, k_cache, v_cache, pos):
     q, k, v = _split_heads(qkv, n_head)  # (B,nh,Tn,hs)
     k_cache[:, :, pos:end] = k
     v_cache[:, :, pos:end] = v
-    att = q @ k_cache[:, :, :end].transpose(0, 1, 3, 2)  # (B,nh,Tn,end)
+    att = matmul(q, k_cache[:, :, :end].transpose(0, 1, 3, 2))  # (B,nh,Tn,end)
     att *= 1.0 / math.sqrt(q.shape[-1])
     # new row i sees every older key and the new keys pos .. pos + i
     att[..., pos:end] += causal_mask_bias(Tn, att.dtype, xp)
     att -= att.max(axis=-1, keepdims=True)
     xp.exp(att, out=att)
     att /= att.sum(axis=-1, keepdims=True)
-    y = att @ v_cache[:, :, :end]                 # (B,nh,Tn,hs)
+    y = matmul(att, v_cache[:, :, :end])          # (B,nh,Tn,hs)
     return y.transpose(0, 2, 1, 3).reshape(B, Tn, C3 // 3)  # (B,nh,Tn,hs) -> (B,Tn,C)

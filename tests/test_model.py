@@ -98,7 +98,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(RuntimeError, match="forward"):
         m.backward()
     with pytest.raises(ValueError, match="dtype"):
-        GPT(CFG, dtype="float16")
+        GPT(CFG, dtype="bfloat16")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
