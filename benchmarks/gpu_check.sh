@@ -10,7 +10,7 @@
 #   DEVICE=cpu bash benchmarks/gpu_check.sh      # dry run: the same steps on the CPU at tiny
 #                                                #   sizes (DRY_RUN=1 means the same)
 #
-# Every figure and log goes to $OUT (default ./gpu_check_out; at most 7 files), and each
+# Every figure and log goes to $OUT (default ./gpu_check_out; at most 8 files), and each
 # step appends its result lines to $OUT/summary.txt (also printed) as soon as it ends:
 #   summary.txt                 environment, then one block per step (read this first)
 #   1_tests.log                 pytest on the GPU cases: tests/test_kernels.py (if present),
@@ -19,9 +19,11 @@
 #   2b_bench_tf32_fused.log       float32 / --tf32 with NPGPT_FUSED=1 (the fused CUDA kernels)
 #   2c_bench_fp32_plain.log       and float32 with NPGPT_FUSED=0 (plain CuPy array code);
 #                               each: npgpt against PyTorch eager (SDPA and manual attention)
+#   2d_bench_fp16_fused.log     --dtype float16 (issue 17): npgpt mixed precision and npgpt
+#                               float32 against torch.autocast(float16) + GradScaler
 #   3_lecture_train.log         python train.py --preset lecture --device gpu --tf32
 #   3_lecture_log.jsonl         that run's log.jsonl (evals: iter, train_loss, val_loss, ...)
-#   (3_lecture_loss.png         its loss curves, only when fewer than 7 files are there)
+#   (3_lecture_loss.png         its loss curves, only when fewer than 8 files are there)
 #
 # Step 0 records the GPU, driver, CUDA and package versions; step 1 continues to step 2
 # whatever the tests do; each step runs under `timeout` so that one hang cannot eat the
@@ -39,7 +41,8 @@
 #   OUT=gpu_check_out     DEADLINE_S=560 (whole script's wall time)   RESUME=0
 #   DEVICE=gpu [cpu]      BENCH_CONFIG=lecture [tiny]   BENCH_STEPS=30 [5] timed steps each
 #   PRESET=lecture [tiny] TARGET_ITERS=the preset's max_iters (5000 [50])
-#   TRAIN_DIR=/tmp/npgpt_gpu_check_$PRESET   TESTS_TIMEOUT=150   BENCH_TIMEOUT=120
+#   TRAIN_DTYPE=float32 (step 3 with --tf32) or float16 (step 3 with --dtype float16)
+#   TRAIN_DIR=/tmp/npgpt_gpu_check_${PRESET}_$TRAIN_DTYPE   TESTS_TIMEOUT=150   BENCH_TIMEOUT=120
 #   SKIP_TESTS=0  SKIP_BENCH=0   PYTHON=python3   NPGPT_DATA_DIR: the folder holding
 #   tinyshakespeare.txt (default: .data, shared/data or ../shared/data, the first that has
 #   it; without one train.py downloads the corpus, which needs the network)
@@ -73,9 +76,15 @@ elif [ "$DEVICE" = cpu ]; then
 else
   echo "gpu_check.sh: DEVICE must be gpu or cpu, got '$DEVICE'" >&2; exit 2
 fi
+TRAIN_DTYPE=${TRAIN_DTYPE:-float32}
+case $TRAIN_DTYPE in
+  float32) TRAIN_FLAGS=(${GPU_FLAGS[@]+"${GPU_FLAGS[@]}"}) ;;
+  float16) TRAIN_FLAGS=(--dtype float16) ;;
+  *) echo "gpu_check.sh: TRAIN_DTYPE must be float32 or float16, got '$TRAIN_DTYPE'" >&2; exit 2 ;;
+esac
 DROPOUT_FACTOR=${DROPOUT_FACTOR:-1.25}
 EVAL_FWD_FRAC=${EVAL_FWD_FRAC:-0.4}
-TRAIN_DIR=${TRAIN_DIR:-/tmp/npgpt_gpu_check_$PRESET}
+TRAIN_DIR=${TRAIN_DIR:-/tmp/npgpt_gpu_check_${PRESET}_$TRAIN_DTYPE}
 
 OUT_DIR=${OUT:-gpu_check_out}
 mkdir -p "$OUT_DIR" || exit 2
@@ -204,12 +213,13 @@ bench_figures() {
   "$PY" - "$1" <<'PY'
 import re, sys
 text = open(sys.argv[1], errors="replace").read()
-ms = dict(re.findall(r"^\s+(npgpt|torch sdpa|torch manual)\s+([\d.]+) ms/step", text, re.M))
-ratios = re.findall(r"ratio (torch \w+) ms / npgpt ms = ([\d.]+)x", text)
+ms = dict(re.findall(r"^\s+(npgpt float32|npgpt|torch sdpa|torch manual)\s+([\d.]+) ms/step",
+                    text, re.M))
+ratios = re.findall(r"ratio (.+? ms / .+?) ms = ([\d.]+)x", text)
 loss = re.search(r"loss on the first batch[^:]*: (.*)", text)
 parts = [", ".join(f"{k} {v} ms/step" for k, v in ms.items()) or "no step times"]
 if ratios:
-    parts.append("; ".join(f"{k} / npgpt = {v}x" for k, v in ratios))
+    parts.append("; ".join(f"{k} = {v}x" for k, v in ratios))
 if loss:
     parts.append("first-batch loss: " + loss.group(1).strip())
 print(" | ".join(parts))
@@ -221,8 +231,8 @@ bench_ms() {  # bench_ms LOG: npgpt's median ms/step (empty if none)
 
 declare -A BENCH_LOG=()
 if [ "$RESUME" != 1 ] && [ "$SKIP_BENCH" != 1 ]; then
-  n_left=3
-  for spec in "2a fp32_fused 1" "2b tf32_fused 1" "2c fp32_plain 0"; do
+  n_left=4
+  for spec in "2a fp32_fused 1" "2b tf32_fused 1" "2c fp32_plain 0" "2d fp16_fused 1"; do
     read -r tag name fused <<<"$spec"
     log="$OUT_DIR/${tag}_bench_${name}.log"
     BENCH_LOG[$tag]=$log
@@ -230,6 +240,7 @@ if [ "$RESUME" != 1 ] && [ "$SKIP_BENCH" != 1 ]; then
     flags=(--device "$DEVICE" --config "$BENCH_CONFIG" --steps "$BENCH_STEPS")
     [ "$DEVICE" = cpu ] && flags+=(--no-memory)
     [ "$tag" = 2b ] && flags+=(${GPU_FLAGS[@]+"${GPU_FLAGS[@]}"})
+    [ "$tag" = 2d ] && flags+=(--dtype float16)
     limit=$(min "$BENCH_TIMEOUT" $(($(left) - n_left * BENCH_MIN_S - TRAIN_MIN_S)))
     if [ "$limit" -lt "$BENCH_MIN_S" ]; then
       note "[$tag] bench: SKIPPED (only $(left)s left)"
@@ -289,7 +300,7 @@ if steps:
     print(f"[3]   step time (logged windows): median {statistics.median(ms):.1f} ms/iter, "
           f"{statistics.median(r['tokens_per_s'] for r in steps):,.0f} tok/s")
 PY
-  if [ -f "$TRAIN_DIR/loss.png" ] && [ "$(find "$OUT_DIR" -maxdepth 1 -type f | wc -l)" -lt 7 ]; then
+  if [ -f "$TRAIN_DIR/loss.png" ] && [ "$(find "$OUT_DIR" -maxdepth 1 -type f | wc -l)" -lt 8 ]; then
     cp "$TRAIN_DIR/loss.png" "$OUT_DIR/3_${PRESET}_loss.png"
   fi
 }
@@ -337,7 +348,8 @@ elif [ "$start_iter" -ge "$TARGET_ITERS" ]; then
 else
   # the step time: the real run's (resume), else benchmark 2b, 2a, 2c, else a short probe
   if [ -z "$step_ms" ]; then
-    for tag in 2b 2a 2c; do
+    tags="2b 2a 2c"; [ "$TRAIN_DTYPE" = float16 ] && tags="2d"
+    for tag in $tags; do
       ms=$(bench_ms "${BENCH_LOG[$tag]:-/nonexistent}")
       if [ -n "$ms" ]; then
         step_ms=$(awk -v m="$ms" -v f="$DROPOUT_FACTOR" 'BEGIN{printf "%.2f", m*f}')
@@ -352,7 +364,7 @@ else
     echo "== probe: 30 iterations to time a step" >>"$TRAIN_LOG"
     t=$SECONDS
     NPGPT_FUSED=1 timeout -k 10 "$(min 150 $(($(left) - MARGIN_S)))" "$PY" train.py --preset "$PRESET" \
-      --device "$DEVICE" ${GPU_FLAGS[@]+"${GPU_FLAGS[@]}"} --out-dir "$probe" --max-iters 30 \
+      --device "$DEVICE" ${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"} --out-dir "$probe" --max-iters 30 \
       --eval-iters 1 --eval-interval 1000000 --log-interval 10 >>"$TRAIN_LOG" 2>&1
     prc=$?
     step_ms=$("$PY" -c "
@@ -403,7 +415,7 @@ PY
       # checkpoint and stops; SIGKILL 25 s later if it has not (the last eval's stays)
       limit=$(( $(left) - MARGIN_S + 10 ))
       t=$SECONDS
-      cmd=("$PY" train.py --preset "$PRESET" --device "$DEVICE" ${GPU_FLAGS[@]+"${GPU_FLAGS[@]}"}
+      cmd=("$PY" train.py --preset "$PRESET" --device "$DEVICE" ${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"}
            --out-dir "$TRAIN_DIR" --max-iters "$max_iters" --lr-decay-iters "$TARGET_ITERS"
            ${resume_flag[@]+"${resume_flag[@]}"})
       echo "\$ NPGPT_FUSED=1 ${cmd[*]}   (SIGINT after ${limit}s)" >>"$TRAIN_LOG"

@@ -23,6 +23,8 @@ minus the RSS after imports).
         # lets OpenBLAS pick its kernels for this CPU (check the "BLAS:" line)
     python benchmarks/train_step.py --device gpu --config lecture   # CuPy against CUDA
     python benchmarks/train_step.py --device gpu --tf32             # both with TF32 products
+    python benchmarks/train_step.py --device gpu --config lecture --dtype float16
+        # mixed precision: npgpt float16 (and float32) against torch.autocast + GradScaler
 
 --loop times what `python train.py` runs: npgpt's Trainer (small preset, Tiny Shakespeare,
 its batches, clipping, schedule and logging) over 100 iterations, against a PyTorch loop
@@ -44,6 +46,7 @@ from common import np
 
 from npgpt import GPT, AdamW, GPTConfig
 from npgpt.errors import NpgptError
+from npgpt.mixed import MixedPrecision
 from npgpt.parallel import Workers, resolve_workers
 
 CONFIGS = {  # name: (GPTConfig, batch size)
@@ -68,24 +71,32 @@ def batches(cfg, B, n, seed=0):
         yield np.ascontiguousarray(data[:, :-1]), np.ascontiguousarray(data[:, 1:])
 
 
-def make_npgpt(cfg, device="cpu", workers="auto"):
+def make_npgpt(cfg, device="cpu", workers="auto", dtype="float32"):
+    """(float32 model, AdamW, step function); float16: mixed precision (npgpt/mixed.py)
+    from that model's weights."""
     model = GPT(cfg, seed=0, device=device, reuse_memory=True)  # the Trainer's setting
-    opt = AdamW(model.params, **HP)
+    mixed = MixedPrecision(model) if dtype == "float16" else None
+    net = mixed.model if mixed else model  # the model that runs forward and backward
+    opt = AdamW(mixed.params if mixed else model.params, **HP)
     pool = None  # built at the first step: its batch size decides "auto"
 
     def step(x, y):
         nonlocal pool
         if pool is None:
             n = resolve_workers(workers, x.shape[0], device, x.shape[1] * cfg.n_embd)
-            pool = Workers(model, n)
-        loss = pool.forward_backward(x, y)
-        opt.step(model.grads)
+            pool = Workers(net, n)
+        loss = pool.forward_backward(x, y, dloss=mixed.scale if mixed else 1.0)
+        if mixed:
+            mixed.step(opt)
+        else:
+            opt.step(model.grads)
         return float(loss)  # waits for the device, as PyTorch's loss.item()
     return model, opt, step
 
 
-def make_torch(model, manual, device="cpu"):
-    """A step function for TorchGPT built from an npgpt GPT's weights (or a GPTConfig)."""
+def make_torch(model, manual, device="cpu", dtype="float32"):
+    """A step function for TorchGPT built from an npgpt GPT's weights (or a GPTConfig);
+    float16: torch.autocast(float16) with a GradScaler, as nanoGPT's dtype='float16'."""
     import torch
     from torch_gpt import TorchGPT
     if isinstance(model, GPTConfig):  # memory children: PyTorch's own init
@@ -95,26 +106,33 @@ def make_torch(model, manual, device="cpu"):
     dev = "cuda" if device == "gpu" else "cpu"
     tm = tm.to(dev)
     opt = tm.adamw(**HP)
+    half = dtype == "float16"
+    scaler = torch.amp.GradScaler(dev, enabled=half)
 
     def step(x, y):
         opt.zero_grad(set_to_none=True)
-        loss = tm(torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev))
-        loss.backward()
-        opt.step()
+        with torch.autocast(dev, dtype=torch.float16, enabled=half):
+            loss = tm(torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev))
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         return loss.item()
     return step
 
 
-def time_config(name, steps, device="cpu"):
+def time_config(name, steps, device="cpu", dtype="float32"):
     """Step times of npgpt and both PyTorch models (threads: main's set_threads): rounds
-    of one block of consecutive steps per framework, the order rotating every round."""
+    of one block of consecutive steps per framework, the order rotating every round.
+    float16: npgpt's and PyTorch's mixed precision, and npgpt in float32 beside them."""
     cfg, B = CONFIGS[name]
-    model, _, np_step = make_npgpt(cfg, device)
+    model, _, np_step = make_npgpt(cfg, device, dtype=dtype)
     runners = {"npgpt": np_step}
+    if dtype == "float16":
+        runners["npgpt float32"] = make_npgpt(cfg, device)[2]
     if device == "cpu":
-        runners["npgpt 1 worker"] = make_npgpt(cfg, device, workers=1)[2]
-    runners.update({"torch sdpa": make_torch(model, False, device),
-                    "torch manual": make_torch(model, True, device)})
+        runners["npgpt 1 worker"] = make_npgpt(cfg, device, workers=1, dtype=dtype)[2]
+    runners.update({"torch sdpa": make_torch(model, False, device, dtype),
+                    "torch manual": make_torch(model, True, device, dtype)})
     names = list(runners)
     times = {n: [] for n in names}
     first_loss = {}
@@ -205,11 +223,11 @@ def measure_memory(name, framework, threads):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def report(name, steps, threads, memory, device="cpu"):
+def report(name, steps, threads, memory, device="cpu", dtype="float32"):
     load = os.getloadavg()[0]
-    cfg, B, times, first_loss, warmup, block = time_config(name, steps, device)
+    cfg, B, times, first_loss, warmup, block = time_config(name, steps, device, dtype)
     tokens = B * cfg.block_size
-    print(f"\n== {name} on the {device.upper()}: {cfg.n_layer} layers, {cfg.n_head} heads, "
+    print(f"\n== {name} on the {device.upper()}, {dtype}: {cfg.n_layer} layers, {cfg.n_head} heads, "
           f"{cfg.n_embd} dims, context {cfg.block_size}, batch {B}, vocab {cfg.vocab_size}; "
           f"{len(times['npgpt'])} timed steps each (blocks of {block} consecutive steps, the "
           f"first untimed) after {warmup} warm-up; "
@@ -223,12 +241,15 @@ def report(name, steps, threads, memory, device="cpu"):
         if memory:
             m = measure_memory(name, n, threads)
             mem = f"  peak RSS {m['peak']:7.1f} MB (step: {m['peak'] - m['base']:6.1f} MB)"
-        print(f"   {n:13s} {med[n]:9.1f} ms/step  {tokens / med[n] * 1e3:9.0f} tok/s  "
+        print(f"   {n:14s} {med[n]:8.1f} ms/step  {tokens / med[n] * 1e3:9.0f} tok/s  "
               f"[min {lo:.1f}, max {hi:.1f}, spread {100 * spread:.0f}%]{mem}")
     for n in ("torch sdpa", "torch manual"):
         print(f"   ratio {n} ms / npgpt ms = {med[n] / med['npgpt']:.2f}x"
               + (f"   (npgpt 1 worker: {med[n] / med['npgpt 1 worker']:.2f}x)"
                  if "npgpt 1 worker" in med else ""))
+    if "npgpt float32" in med:
+        print(f"   ratio npgpt float32 ms / npgpt float16 ms = "
+              f"{med['npgpt float32'] / med['npgpt']:.2f}x")
 
 
 # ------------------------------------------------------------------------- profile
@@ -342,6 +363,9 @@ def main():
     p.add_argument("--tf32", action="store_true",
                    help="with --device gpu: TF32 matrix products in both (npgpt --tf32, "
                         "torch.backends.cuda.matmul.allow_tf32)")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="float16: mixed precision in both (npgpt --dtype float16; PyTorch "
+                        "autocast + GradScaler), npgpt float32 beside them")
     p.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
@@ -371,10 +395,10 @@ def main():
         return loop_throughput(args.steps or 100)
     for name in names:
         # a lecture step takes seconds: its memory children only when asked for by name
-        memory = (args.device == "cpu" and not args.no_memory
+        memory = (args.device == "cpu" and not args.no_memory and args.dtype == "float32"
                   and (name in ("tiny", "small") or args.config == name))
         steps = args.steps or (STEPS[name] if args.device == "cpu" else GPU_STEPS)
-        report(name, steps, args.threads, memory, args.device)
+        report(name, steps, args.threads, memory, args.device, args.dtype)
 
 
 if __name__ == "__main__":

@@ -26,14 +26,17 @@ def _is_array(value):
     return hasattr(value, "shape") and hasattr(value, "dtype")
 
 
-def save(path, model, **extra):
+def save(path, model, params=None, **extra):
     """Write the model's parameters, its config and `extra` to `path` atomically.
+    params: {name: array} to write instead of model.params (a mixed-precision run's float32
+    master weights, see mixed.py); the file records their dtype.
 
     Each array in `extra` is stored under its keyword (it must not clash with a parameter
     name); everything else must be JSON-serialisable and is stored in one JSON text."""
     arrays = {_FORMAT_KEY: np.array(FORMAT), _CONFIG_KEY: np.array(model.config.to_json())}
-    meta = {"dtype": str(model.dtype)}
-    for name, p in model.params.items():
+    params = model.params if params is None else params
+    meta = {"dtype": str(next(iter(params.values())).dtype)}
+    for name, p in params.items():
         arrays[name] = to_numpy(p)
     for key, value in extra.items():
         if key in arrays or key.startswith("__"):

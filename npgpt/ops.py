@@ -292,6 +292,11 @@ def layernorm_backward(dout, cache, ws=FRESH):
 
 _GELU_K = math.sqrt(2.0 / math.pi)
 _GELU_A = 0.044715
+# A float16 GELU on the CPU runs the float32 one on float32 copies and rounds its result
+# once: NumPy's float16 loops convert every element to float32 and back in each of the
+# op's ten passes (10x float32's time), and x^2 overflows float16 past |x| = 256 (the
+# backward's (A - 0.5)(1 - t) would then be inf * 0 = NaN). CuPy's float16 kernels on a
+# GPU are fast; the overflow stays there (docs/mixed_precision.md).
 
 
 def gelu_forward(x, ws=FRESH):
@@ -300,6 +305,10 @@ def gelu_forward(x, ws=FRESH):
     layer's input): backward recomputes tanh(u) rather than keep a third such array.
     Textbook version: reference.gelu_forward."""
     xp = get_xp(x)
+    if xp is np and x.dtype == np.float16:  # float16 on the CPU: see above
+        out = ws("out", x.shape, x)
+        out[...] = gelu_forward(x.astype(np.float32))[0]
+        return out, GeluCache(x, out)
     out = xp.multiply(x, x, out=ws("out", x.shape, x))  # x^2
     out *= _GELU_K * _GELU_A
     out += _GELU_K
@@ -319,6 +328,11 @@ def gelu_backward(dout, cache, ws=FRESH):
     Textbook version: reference.gelu_backward.
     """
     (x, out), xp = cache, get_xp(dout)
+    if xp is np and x.dtype == np.float16:  # float16 on the CPU: see above
+        dx = ws("dx", x.shape, dout)
+        dx[...] = gelu_backward(dout.astype(np.float32),
+                                GeluCache(x.astype(np.float32), out.astype(np.float32)))[0]
+        return (dx,)
     dx = xp.multiply(x, x, out=ws("dx", x.shape, dout))  # x^2
     t = xp.multiply(dx, _GELU_K * _GELU_A, out=ws("tmp", x.shape, dout))
     t += _GELU_K

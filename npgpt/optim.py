@@ -51,58 +51,82 @@ class AdamW:
         self.fused = {n: kernels.adamw_runs(self.decay[n], p.size) for n, p in _buffers(params)
                       if n == "*" and kernels.applies(get_xp(p), p.dtype)}
         self.scratch = {}  # per dtype: as long as the longest stretch updated at a time
-        for n, p in _buffers(params):
-            if n not in self.fused:  # (a kernel needs none)
-                size = max(min(p.size, CHUNK), len(self.scratch.get(p.dtype, ())))
-                self.scratch[p.dtype] = get_xp(p).empty(size, dtype=p.dtype)
+        for n, p in _buffers(params):  # (a kernel needs none, but a skippable step does)
+            size = max(min(p.size, CHUNK), len(self.scratch.get(p.dtype, ())))
+            self.scratch[p.dtype] = get_xp(p).empty(size, dtype=p.dtype)
 
-    def step(self, grads, lr=None):
-        """One update of every parameter in place; `lr` overrides the default for this step."""
+    def step(self, grads, lr=None, skip=None):
+        """One update of every parameter in place; `lr` overrides the default for this step.
+
+        skip: None, or a 0-d boolean array on the parameters' device, True when this step
+        must change nothing (a mixed-precision step whose gradients overflowed: mixed.py).
+        The host never reads it (that would make it wait for the GPU): every coefficient
+        of the update is multiplied by keep = 1 - skip, so a skipped step adds exact zeros,
+        and the step count t lives on the device, as PyTorch's fused AdamW does with its
+        found_inf. The gradients must then be finite (0 * inf is NaN)."""
         lr = self.lr if lr is None else float(lr)
-        self.t += 1
-        bias1 = 1.0 - self.betas[0] ** self.t
-        bias2_sqrt = math.sqrt(1.0 - self.betas[1] ** self.t)
+        b1, b2 = self.betas
+        if skip is None:
+            self.t += 1
+            keep = 1.0
+        else:
+            keep = 1 - skip              # 0-d int on the device: 1 updates, 0 skips
+            self.t = self.t + keep
+        t = self.t if skip is None else get_xp(skip).maximum(self.t, 1)  # (t = 0: keep = 0)
+        bias1 = 1.0 - b1 ** t           # Python floats, or 0-d arrays when t is one
+        bias2_sqrt = (1.0 - b2 ** t) ** 0.5
         flat = getattr(grads, "flat", None)
         gbufs = {"*": flat} if "*" in self.m else grads
         for n, p in _buffers(self.params):
-            if n in self.fused:
+            if n in self.fused and skip is None:
                 kernels.adamw_update(p, gbufs[n], self.m[n], self.v[n], self.fused[n], lr,
                                      self.betas, self.eps, self.weight_decay, bias1, bias2_sqrt)
                 continue
+            c = [_scalar(x, p.dtype) for x in (1.0 - keep * lr * self.weight_decay,  # decay
+                                               keep * (1.0 - b1), keep * (1.0 - b2),
+                                               1.0 / bias2_sqrt, keep * lr / bias1)]
             for span in self.decay[n]:
-                p[span] *= 1.0 - lr * self.weight_decay     # decoupled weight decay
+                p[span] *= c[0]                             # decoupled weight decay
             p1, g1, m1, v1 = (a.reshape(-1) for a in (p, gbufs[n], self.m[n], self.v[n]))
             for start in range(0, p1.size, CHUNK):          # views of CHUNK elements
                 part = slice(start, start + CHUNK)
                 tmp = self.scratch[p.dtype][:p1[part].size]
-                self._adam(p1[part], g1[part], m1[part], v1[part], tmp, lr, bias1, bias2_sqrt)
+                self._adam(p1[part], g1[part], m1[part], v1[part], tmp, *c[1:])
 
-    def _adam(self, p, g, m, v, tmp, lr, bias1, bias2_sqrt):
-        """The Adam update of one stretch of parameters, in place (tmp: scratch)."""
-        b1, b2 = self.betas
+    def _adam(self, p, g, m, v, tmp, c1, c2, unbias2, step):
+        """The Adam update of one stretch of parameters, in place (tmp: scratch).
+        c1 = 1 - b1, c2 = 1 - b2, unbias2 = 1/sqrt(1 - b2^t), step = lr/(1 - b1^t), each
+        times keep (see step), except unbias2."""
         xp = get_xp(p)
-        m *= b1
-        m += xp.multiply(g, 1.0 - b1, out=tmp)          # m = b1 m + (1 - b1) g
-        v *= b2
+        tmp = xp.subtract(g, m, out=tmp)
+        tmp *= c1
+        m += tmp                # m += (1 - b1)(g - m): b1 m + (1 - b1) g, as torch's lerp_
         tmp = xp.multiply(g, g, out=tmp)
-        tmp *= 1.0 - b2
-        v += tmp                                        # v = b2 v + (1 - b2) g^2
+        tmp -= v
+        tmp *= c2
+        v += tmp                # v += (1 - b2)(g^2 - v): b2 v + (1 - b2) g^2
         denom = xp.sqrt(v, out=tmp)
-        denom *= 1.0 / bias2_sqrt
+        denom *= unbias2
         denom += self.eps                               # sqrt(v / (1 - b2^t)) + eps
         update = xp.divide(m, denom, out=tmp)
-        update *= lr / bias1
+        update *= step
         p -= update
 
     def state(self):
         """The optimizer state as {key: array} plus the step count (for checkpoints)."""
-        return {"t": self.t, "m": self.m, "v": self.v}
+        return {"t": int(self.t), "m": self.m, "v": self.v}
 
     def load_state(self, t, m, v):
         self.t = int(t)
         for n in self.m:
             self.m[n][...] = get_xp(self.m[n]).asarray(m[n])
             self.v[n][...] = get_xp(self.v[n]).asarray(v[n])
+
+
+def _scalar(x, dtype):
+    """x (a Python float, or a 0-d array of a step that may be skipped) in the dtype of
+    the parameters: a 0-d float64 array would turn a float32 update into float64 work."""
+    return x if type(x) is float else x.astype(dtype)
 
 
 def _matrix_spans(params):

@@ -124,10 +124,11 @@ class Workers:
                 wait(futures)
             return sum((f.result() for f in futures), first)  # raises a worker's error
 
-    def forward_backward(self, x, y, train=True, accumulate=False):
+    def forward_backward(self, x, y, train=True, accumulate=False, dloss=1.0):
         """Forward and backward of the batch (x, y: host (B, T) arrays) over the workers.
-        model.grads receives the gradient of the batch's mean loss (added to what is there
-        with accumulate=True); returns that loss (a 0-d array)."""
+        model.grads receives dloss x the gradient of the batch's mean loss (added to what is
+        there with accumulate=True; dloss: a loss scale, see mixed.py); returns that loss
+        (a 0-d array)."""
         state = self.model.rng.state()  # every worker's masks come from the same pass
 
         def job(worker, xs, ys, weight, rows):
@@ -145,7 +146,7 @@ class Workers:
                 _, loss = worker.forward(xs, ys, train=train)
             finally:
                 worker.rng.rows = None
-            worker.backward(accumulate=own, dloss=weight)
+            worker.backward(accumulate=own, dloss=weight * dloss)
             return loss * weight
 
         loss = self._run(job, x, y)

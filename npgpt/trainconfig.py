@@ -44,7 +44,7 @@ class TrainConfig:
     # runtime
     seed: int = 1337                # seeds initialisation, batches and dropout
     device: str = "cpu"             # 'cpu', 'gpu' (CuPy) or 'auto' (GPU when CuPy sees one)
-    dtype: str = "float32"          # 'float32' or 'float64'
+    dtype: str = "float32"          # 'float32', 'float64' or 'float16' (mixed precision for GPUs: float16 model, float32 master weights, loss scaling; slower than float32 on a CPU)
     tf32: bool = False              # GPU only: TF32 matrix products (faster; inputs rounded to 10 mantissa bits)
     workers: str = "auto"           # CPU threads that split each batch by rows: 'auto' (one per core) or a count
 
@@ -68,7 +68,8 @@ class TrainConfig:
             (self.warmup_iters >= 0 and self.lr_decay_iters >= 0, "--warmup-iters and --lr-decay-iters must be >= 0"),
             (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "--beta1 and --beta2 must be in [0, 1)"),
             (self.weight_decay >= 0 and self.grad_clip >= 0, "--weight-decay and --grad-clip must be >= 0"),
-            (self.dtype in ("float32", "float64"), f"--dtype must be float32 or float64, got {self.dtype!r}"),
+            (self.dtype in ("float32", "float64", "float16"),
+             f"--dtype must be float32, float64 or float16, got {self.dtype!r}"),
             (self.device in ("cpu", "gpu", "auto"), f"--device must be cpu, gpu or auto, got {self.device!r}"),
             (not self.tf32 or (self.device != "cpu" and self.dtype == "float32"),
              "--tf32 applies to float32 matrix products on a GPU: use it with --device gpu "

@@ -30,6 +30,7 @@ from .backend import auto_device_note, enable_tf32
 from .checkpoint import load, save
 from .distributed import Group, param_checksum
 from .errors import CheckpointError, NpgptError
+from .mixed import MASTER_DTYPE, MixedPrecision
 from .model import GPT, GPTConfig
 from .optim import AdamW, clip_grad_norm
 from .parallel import Workers, resolve_workers
@@ -106,6 +107,9 @@ class Trainer:
                              "or start a new one in another --out-dir (or delete it first)")
         cfg.validate()
         self.cfg = cfg
+        weights = MASTER_DTYPE if cfg.dtype == "float16" else cfg.dtype  # what AdamW updates
+        if resume and str(self.model.dtype) != weights:  # (the run changes --dtype)
+            self.model, _ = load(self.ckpt_path, device=cfg.device, dtype=weights)
         if cfg.tf32:
             enable_tf32()  # before the first matrix product
         self.log = TrainLog(cfg.out_dir)
@@ -119,13 +123,18 @@ class Trainer:
             config = GPTConfig(vocab_size=self.tokenizer.vocab_size, block_size=cfg.block_size,
                                n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                                dropout=cfg.dropout)
-            self.model = GPT(config, seed=cfg.seed, dtype=cfg.dtype, device=cfg.device)
+            self.model = GPT(config, seed=cfg.seed, dtype=weights, device=cfg.device)
         self.model.reuse_memory = True  # the training path: layers reuse their memory
+        self.mixed = None
+        if cfg.dtype == "float16":  # a float16 model trained from float32 weights (mixed.py)
+            self.mixed = MixedPrecision(self.model)
+            self.model = self.mixed.model
+        self.params = self.mixed.params if self.mixed else self.model.params  # the masters
         with comm.root_first():  # rank 0 encodes the token cache; ranks beside it reuse it
             self.data = datasets.prepare_tokens(corpus, self.tokenizer,
                                                 os.path.join(cfg.out_dir, "data"))
         self.data.check_fits(cfg.block_size)
-        self.opt = AdamW(self.model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+        self.opt = AdamW(self.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                          weight_decay=cfg.weight_decay)
         self.batch_rng = np.random.default_rng(cfg.seed)
         self.iter, self.best_val_loss, self.elapsed = 0, math.inf, 0.0
@@ -168,7 +177,8 @@ class Trainer:
         the block size may be cropped below n_positions; dropout comes from cfg."""
         from .hf import from_pretrained
         from .tokenizers import tokenizer_from_pretrained
-        model = from_pretrained(cfg.init_from, device=cfg.device, dtype=cfg.dtype,
+        model = from_pretrained(cfg.init_from, device=cfg.device,
+                                dtype=MASTER_DTYPE if cfg.dtype == "float16" else cfg.dtype,
                                 dropout=cfg.dropout)
         mc = model.config
         for name in ("n_layer", "n_head", "n_embd"):
@@ -197,6 +207,8 @@ class Trainer:
         else:  # written before the portable dropout stream (a NumPy generator's state)
             self.out("this checkpoint predates npgpt's portable dropout stream, so the dropout "
                      "masks differ from an uninterrupted run from here on")
+        if self.mixed and "loss_scale" in extra:
+            self.mixed.load_state(extra)
         saved_ranks = extra.get("world_size", 1)
         if saved_ranks != self.comm.size:
             self.out(f"the checkpoint was written by {saved_ranks} process(es), this run has "
@@ -221,7 +233,7 @@ class Trainer:
         facts = {f"--{k.replace('_', '-')}": v for k, v in asdict(cfg).items()
                  if k not in ("data", "out_dir")}  # paths may differ between hosts
         facts.update(self.data.fingerprint, iteration=self.iter,
-                     parameter_checksum=param_checksum(self.model.params.flat))
+                     parameter_checksum=param_checksum(self.params.flat))
         comm.check_same(facts, "at start", "Every rank needs the same flags, corpus, "
                         "npgpt version and (with --resume) checkpoint")
 
@@ -231,7 +243,8 @@ class Trainer:
         if self.comm.rank != 0:
             return
         opt = self.opt.state()  # the moments of model.params' one flat buffer, key "*"
-        save(self.ckpt_path, self.model,
+        save(self.ckpt_path, self.model, params=self.params,  # float32 for a float16 model
+             **(self.mixed.state() if self.mixed else {}),
              **{"optim.m": opt["m"]["*"], "optim.v": opt["v"]["*"]},
              optim_t=opt["t"], iter=self.iter, best_val_loss=self.best_val_loss,
              elapsed_s=self.elapsed, batch_rng=self.batch_rng.bit_generator.state,
@@ -251,17 +264,21 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches; returns this rank's mean loss
         (still on the device: nothing in a step waits for the GPU) and the learning rate."""
         cfg, model = self.cfg, self.model
-        lr = get_lr(self.iter, cfg)
+        lr, mixed = get_lr(self.iter, cfg), self.mixed
         losses = []
         for micro in range(cfg.grad_accum):
             x, y = self.batch("train", self.batch_rng)  # forward + backward on the workers
-            losses.append(self.workers.forward_backward(x, y, accumulate=micro > 0))
+            losses.append(self.workers.forward_backward(
+                x, y, accumulate=micro > 0, dloss=mixed.scale if mixed else 1.0))
         if cfg.grad_accum > 1:
             model.grads.flat *= 1.0 / cfg.grad_accum  # mean over micro-batches
         self.comm.average_(model.grads.flat)  # mean over ranks: one all-reduce
-        if cfg.grad_clip > 0:
-            clip_grad_norm(model.grads, cfg.grad_clip)
-        self.opt.step(model.grads, lr=lr)
+        if mixed:  # unscale, clip, AdamW on the float32 weights unless they overflowed
+            mixed.step(self.opt, lr, cfg.grad_clip)
+        else:
+            if cfg.grad_clip > 0:
+                clip_grad_norm(model.grads, cfg.grad_clip)
+            self.opt.step(model.grads, lr=lr)
         self.iter += 1
         return sum(losses) / len(losses), lr
 
@@ -291,7 +308,7 @@ class Trainer:
     def _eval_and_save(self):
         losses = self.evaluate()
         if self.comm.size > 1:  # the ranks' parameters must still be identical
-            self.comm.check_same({"parameter checksum": param_checksum(self.model.params.flat)},
+            self.comm.check_same({"parameter checksum": param_checksum(self.params.flat)},
                                  f"at iteration {self.iter}", "The parameters diverged: give "
                                  "every rank the same npgpt, NumPy, BLAS and device")
         self.best_val_loss = min(self.best_val_loss, losses["val"])
@@ -366,13 +383,16 @@ class Trainer:
                 if not logging:
                     continue
                 step_s, window_s, window_steps = window_s / window_steps, 0.0, 0
+                scaler = self.mixed.state() if self.mixed else {}  # (reads the device)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ms=f"{1000 * step_s:.0f}",
-                                tok_s=f"{tokens_per_step / step_s:,.0f}", refresh=False)
+                                tok_s=f"{tokens_per_step / step_s:,.0f}", refresh=False,
+                                **({"scale": f"{scaler['loss_scale']:g}",
+                                    "skipped": scaler["skipped_steps"]} if scaler else {}))
                 if self.comm.rank == 0:
                     record = {"iter": self.iter - 1, "loss": loss, "lr": lr,
                               "ms_per_iter": round(1000 * step_s, 2),
                               "tokens_per_s": round(tokens_per_step / step_s, 1),
-                              "elapsed_s": round(self.elapsed, 3)}
+                              "elapsed_s": round(self.elapsed, 3), **scaler}
                     if n > 1:
                         record["allreduce_ms"] = round(1000 * self.comm.allreduce_s, 2)
                     self.log.write(record)

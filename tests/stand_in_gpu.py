@@ -19,6 +19,7 @@ import pytest
 import emulated_cuda
 import npgpt.backend
 import npgpt.kernels
+import npgpt.mixed
 import npgpt.model
 import npgpt.ops
 import npgpt.optim
@@ -80,9 +81,10 @@ class FakeCuPy:
 
     def __getattr__(self, name):
         attr = getattr(np, name)
-        # the makers, and vdot, which gives a NumPy scalar where CuPy gives a 0-d array
+        # the makers, and vdot and where, which can give NumPy scalars or plain arrays
+        # where CuPy gives (0-d) device arrays
         if name in ("empty", "zeros", "ones", "full", "asarray", "array", "arange", "vdot",
-                    "ascontiguousarray"):
+                    "ascontiguousarray", "where"):
             return lambda *args, **kwargs: np.asarray(attr(*args, **kwargs)).view(DeviceArray)
         return attr
 
@@ -110,7 +112,8 @@ def install(monkeypatch, fused=False):
     def get_xp(*arrays):
         return fake if any(isinstance(a, DeviceArray) for a in arrays) else np
 
-    for module in (npgpt.backend, npgpt.kernels, npgpt.model, npgpt.ops, npgpt.optim):
+    for module in (npgpt.backend, npgpt.kernels, npgpt.mixed, npgpt.model, npgpt.ops,
+                   npgpt.optim):
         monkeypatch.setattr(module, "get_xp", get_xp)
     monkeypatch.setattr(npgpt.backend, "gpu_available", lambda: True)
     monkeypatch.setattr(npgpt.model, "array_module",

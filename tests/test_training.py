@@ -196,7 +196,7 @@ def test_a_diverging_run_stops_with_one_message_and_no_numpy_warnings(tmp_path, 
     (dict(batch_size=0), "batch-size"),
     (dict(tokenizer="bpe", vocab_size=100), "256"),
     (dict(block_size=100000), "too short"),
-    (dict(dtype="float16"), "dtype"),
+    (dict(dtype="bfloat16"), "dtype"),
     (dict(tf32=True), "--tf32"),                          # on the CPU
     (dict(tf32=True, device="auto", dtype="float64"), "--tf32"),
 ])
