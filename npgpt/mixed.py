@@ -94,7 +94,7 @@ class MixedPrecision:
         growth_interval good steps in a row double it."""
         xp = self.xp
         self.skipped = self.skipped + skip
-        good = (self.good_steps + 1) * (1 - skip)        # 0 after an overflow
+        good = xp.where(skip, 0, self.good_steps + 1)    # 0 after an overflow
         grow = good >= self.growth_interval
         factor = xp.where(skip, self.backoff_factor, xp.where(grow, self.growth_factor, 1.0))
         self.scale = self.scale * factor.astype(xp.float32)

@@ -70,7 +70,7 @@ class AdamW:
             self.t += 1
             keep = 1.0
         else:
-            keep = 1 - skip              # 0-d int on the device: 1 updates, 0 skips
+            keep = (~skip).astype(get_xp(skip).int64)  # 0-d on the device: 1 updates, 0 skips
             self.t = self.t + keep
         t = self.t if skip is None else get_xp(skip).maximum(self.t, 1)  # (t = 0: keep = 0)
         bias1 = 1.0 - b1 ** t           # Python floats, or 0-d arrays when t is one

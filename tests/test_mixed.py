@@ -14,7 +14,9 @@ import json
 import numpy as np
 import pytest
 
+import stand_in_gpu
 from npgpt import load, ops
+from npgpt.backend import gpu_available, to_numpy
 from npgpt.mixed import MixedPrecision
 from npgpt.model import GPT, GPTConfig
 from npgpt.optim import AdamW
@@ -35,23 +37,37 @@ def relative(a, b):
     return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
+@pytest.fixture(params=["cpu", "stand-in", "cuda"])
+def device(request, monkeypatch):
+    """Where the models live: the CPU, the stand-in GPU (CuPy's code paths on NumPy
+    arrays, stand_in_gpu.py) or a real GPU (skipped without one)."""
+    if request.param == "stand-in":
+        stand_in_gpu.install(monkeypatch)
+    elif request.param == "cuda" and not gpu_available():
+        pytest.skip("no CuPy-visible NVIDIA GPU here")
+    return "cpu" if request.param == "cpu" else "gpu"
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_float16_model_matches_float32_from_the_same_weights(seed):
-    m32 = GPT(CFG, seed=seed)
-    mp = MixedPrecision(GPT(CFG, seed=seed))
+def test_float16_model_matches_float32_from_the_same_weights(seed, device):
+    if device == "gpu" and seed:
+        pytest.skip("one seed off the CPU")
+    m32 = GPT(CFG, seed=seed, device=device)
+    mp = MixedPrecision(GPT(CFG, seed=seed, device=device))
     m16 = mp.model
     x, y = batch(seed)
     logits32, loss32 = m32.forward(x, y, train=True)  # dropout on: the same masks in both
     m32.backward()
     logits16, loss16 = m16.forward(x, y, train=True)
     m16.backward(dloss=mp.scale)
-    assert not mp.unscale_()
+    assert not bool(mp.unscale_())
     assert logits16.dtype == F16 and loss16.dtype == F32
     assert abs(float(loss16) - float(loss32)) / float(loss32) < 1e-4
+    logits16, logits32 = to_numpy(logits16), to_numpy(logits32)
     assert np.abs(logits16 - logits32).max() / np.abs(logits32).max() < 4e-3
     assert m16.grads.flat.dtype == F32 and m16.params.flat.dtype == F16
     for name, g32 in m32.grads.items():
-        assert relative(m16.grads[name], g32) < 1e-2, name
+        assert relative(to_numpy(m16.grads[name]), to_numpy(g32)) < 1e-2, name
     # what the backward keeps is float16; the statistics beside it are float32
     block = m16.blocks[0]
     assert block.ln_1.cache.xhat.dtype == F16 and block.ln_1.cache.rstd.dtype == F32
@@ -117,23 +133,23 @@ def step(mp, opt, x, y):
     return mp.step(opt, lr=1e-3, grad_clip=1.0)
 
 
-def test_an_overflowed_step_changes_nothing_and_halves_the_scale():
-    mp = MixedPrecision(GPT(CFG, seed=0))
-    opt = AdamW(mp.params)
+def test_an_overflowed_step_changes_nothing_and_halves_the_scale(device):
+    mp = MixedPrecision(GPT(CFG, seed=0, device=device))
+    opt, xp = AdamW(mp.params), mp.xp
     x, y = batch(4)
-    assert not step(mp, opt, x, y)
-    before = [a.copy() for a in (mp.params.flat, opt.m["*"], opt.v["*"], mp.model.params.flat)]
-    mp.scale = np.float32(2.0 ** 127)  # gradients x 2^127 overflow float16 (and float32)
+    assert not bool(step(mp, opt, x, y))
+    state = (mp.params.flat, opt.m["*"], opt.v["*"], mp.model.params.flat)
+    before = [to_numpy(a).copy() for a in state]  # (on the CPU to_numpy is no copy)
+    mp.scale = xp.asarray(2.0 ** 127, dtype=xp.float32)  # x 2^127: float16 (and 32) overflow
     with np.errstate(over="ignore", invalid="ignore"):
-        assert step(mp, opt, x, y)
-    after = (mp.params.flat, opt.m["*"], opt.v["*"], mp.model.params.flat)
-    for a, b in zip(before, after):
-        np.testing.assert_array_equal(a, b)
+        assert bool(step(mp, opt, x, y))
+    for a, b in zip(before, state):
+        np.testing.assert_array_equal(a, to_numpy(b))
     assert mp.state() == {"loss_scale": 2.0 ** 126, "scale_good_steps": 0, "skipped_steps": 1}
     assert opt.state()["t"] == 1  # the skipped step does not count for bias correction
-    mp.scale = np.float32(2.0 ** 16)
-    assert not step(mp, opt, x, y) and opt.state()["t"] == 2
-    assert not np.array_equal(mp.params.flat, before[0])
+    mp.scale = xp.asarray(2.0 ** 16, dtype=xp.float32)
+    assert not bool(step(mp, opt, x, y)) and opt.state()["t"] == 2
+    assert not np.array_equal(to_numpy(mp.params.flat), before[0])
 
 
 def test_an_injected_inf_or_nan_gradient_is_caught(monkeypatch):
