@@ -7,6 +7,8 @@
 #   bash benchmarks/gpu_check.sh                 # steps 0-3 below, all within DEADLINE_S
 #   RESUME=1 bash benchmarks/gpu_check.sh        # step 0 and 3 only: continue the lecture
 #                                                #   run of an earlier call towards 5000 its
+#   TRAIN_DTYPE=float16 bash benchmarks/gpu_check.sh   # issue 17: step 3 in --dtype float16
+#                                                #   (compare with a float32 run's log)
 #   DEVICE=cpu bash benchmarks/gpu_check.sh      # dry run: the same steps on the CPU at tiny
 #                                                #   sizes (DRY_RUN=1 means the same)
 #
@@ -257,6 +259,13 @@ if [ "$RESUME" != 1 ] && [ "$SKIP_BENCH" != 1 ]; then
   fi
   if [ -n "$a" ] && [ -n "$b" ]; then
     note "[2] TF32 gain, fused (2a fp32 / 2b tf32 npgpt ms): $(awk -v a="$a" -v b="$b" 'BEGIN{printf "%.2fx (%s / %s ms)", a/b, a, b}')"
+  fi
+  # 2e: batched float16 products (issue 17): lines into the summary only (8 files at most)
+  if [ "$(left)" -gt $((TRAIN_MIN_S + 60)) ]; then
+    t=$SECONDS
+    prod=$(timeout -k 5 60 "$PY" benchmarks/gpu_products.py --device "$DEVICE" 2>&1 | tail -n 4)
+    note "[2e] benchmarks/gpu_products.py --device $DEVICE (wall $((SECONDS - t))s):"
+    echo "$prod" | sed 's/^/[2e]   /' | tee -a "$SUMMARY"
   fi
 fi
 
