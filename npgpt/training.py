@@ -291,7 +291,8 @@ class Trainer:
             raise NpgptError(
                 f"{what} became {value} by iteration {self.iter}; stopping. The last good "
                 f"checkpoint ({self.ckpt_path}) is kept. Try a lower --lr, a --grad-clip, "
-                "or --dtype float64")
+                + ("or --dtype float32 (a float16 activation may have passed 65504)"
+                   if self.mixed else "or --dtype float64"))
         return value
 
     def evaluate(self):

@@ -17,6 +17,7 @@ import pytest
 import stand_in_gpu
 from npgpt import load, ops
 from npgpt.backend import gpu_available, to_numpy
+from npgpt.errors import NpgptError
 from npgpt.mixed import MixedPrecision
 from npgpt.model import GPT, GPTConfig
 from npgpt.optim import AdamW
@@ -216,3 +217,21 @@ def test_float16_resume_after_a_crash_is_bit_identical(tmp_path, corpus, monkeyp
     np.testing.assert_array_equal(resumed.model.params.flat, straight.model.params.flat)
     assert resumed.mixed.state() == straight.mixed.state()
     assert resumed.opt.state()["t"] == straight.opt.state()["t"]
+
+
+def test_a_float16_overflow_in_the_forward_stops_the_run_with_a_float32_hint(tmp_path, corpus):
+    t = Trainer(tiny(tmp_path, corpus, dtype="float16", max_iters=20), progress=False,
+                out=lambda *_: None)
+    step = t.train_step
+
+    def poisoned():  # a master weight whose float16 activation passes 65504
+        if t.iter == 7:
+            t.params["transformer.ln_f.bias"][0] = 1e5
+            t.mixed.push()
+        return step()
+
+    t.train_step = poisoned
+    with pytest.raises(NpgptError, match=r"became (nan|inf).*--dtype float32"):
+        t.run()
+    model, extra = load(tmp_path / "out" / "ckpt.npz")
+    assert extra["iter"] == 5 and np.isfinite(model.params.flat).all()
