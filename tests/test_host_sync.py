@@ -89,13 +89,14 @@ def test_the_gpu_branches_compute_what_the_cpu_ones_do(monkeypatch, tmp_path, co
                                rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_resume_on_the_gpu_is_bit_identical(monkeypatch, tmp_path, corpus, fused):
+@pytest.mark.parametrize("fused,dtype", [(False, "float32"), (True, "float32"),
+                                         (False, "float16")])
+def test_resume_on_the_gpu_is_bit_identical(monkeypatch, tmp_path, corpus, fused, dtype):
     """Ctrl-C or a crash, then --resume, on the GPU's code paths: the same bits as a run
     that was never interrupted. (On a real GPU this needs every sum in a fixed order: the
     stand-in's add.at raises, so the embedding's gradient cannot fall back to atomics.)"""
     install(monkeypatch, fused=fused)
-    cfg = dict(dropout=0.1, max_iters=8, batch_size=4, eval_iters=1, device="gpu")
+    cfg = dict(dropout=0.1, max_iters=8, batch_size=4, eval_iters=1, device="gpu", dtype=dtype)
     straight = Trainer(tiny(tmp_path / "a", corpus, **cfg), progress=False, out=lambda *_: None)
     straight.run()
     interrupted = tiny(tmp_path / "b", corpus, **cfg)
