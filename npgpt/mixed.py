@@ -74,7 +74,7 @@ class MixedPrecision:
         xp, g = self.xp, self.model.grads.flat
         g *= 1.0 / self.scale
         skip = ~xp.isfinite(xp.sum(g))     # an inf or a NaN anywhere makes the sum one
-        xp.copyto(g, 0.0, where=skip)
+        xp.copyto(g, xp.zeros((), dtype=g.dtype), where=skip)  # (CuPy's src: an array)
         return skip
 
     def step(self, opt, lr=None, grad_clip=0.0):
