@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from . import ops
+from .arrays import FRESH, column_sums
 from .backend import get_xp
-from .ops import FRESH
 
 SOURCE = Path(__file__).with_name("kernels.cu")
 WARPS = 4            # row kernels: warps (rows) per block of 128 threads
@@ -104,8 +104,8 @@ def layernorm_backward(dout, cache, ws=FRESH):
     dx = ws("dx", xhat.shape, dout)
     _rows("layernorm_backward", xp, rows, dout, xhat, rstd, _contiguous(w), dx,
           np.int32(rows), np.int32(C))
-    db = ops._column_sums(dout.reshape(-1, C))
-    dw = ops._column_sums(xp.multiply(dout, xhat, out=ws("tmp", xhat.shape, dout)).reshape(-1, C))
+    db = column_sums(dout.reshape(-1, C))
+    dw = column_sums(xp.multiply(dout, xhat, out=ws("tmp", xhat.shape, dout)).reshape(-1, C))
     return dx, dw, db
 
 

@@ -6,7 +6,7 @@ gradients into the gradient views with `+=`. Because of that, the tied output he
 simply adds into the token-embedding gradient, and gradient accumulation over
 micro-batches needs no extra code.
 
-Memory (see ops.Workspace). By default (GPT(reuse_memory=False)) every Workspace is a
+Memory (see arrays.Workspace). By default (GPT(reuse_memory=False)) every Workspace is a
 fresh one: each call returns new arrays and leaves its inputs alone, so a learner can keep
 and compare any layer's output. The training path (GPT(reuse_memory=True), which the
 Trainer and the benchmarks set) reuses memory instead: a layer writes its forward
@@ -26,6 +26,7 @@ through `self.ops`: npgpt.ops itself, or kernels.fused_ops's table, which the mo
 chooses once (see kernels.py); the others call npgpt.ops directly.
 """
 from . import ops
+from .arrays import Workspace
 
 
 class Linear:
@@ -34,7 +35,7 @@ class Linear:
     def __init__(self, params, grads, name, scratch=None, ws=None):
         self.w, self.b = params[name + ".weight"], params[name + ".bias"]
         self.dw, self.db = grads[name + ".weight"], grads[name + ".bias"]
-        self.scratch = scratch or ops.Workspace()
+        self.scratch = scratch or Workspace()
         self.ws = ws or self.scratch.new()
 
     def forward(self, x):
@@ -53,7 +54,7 @@ class LayerNorm:
         self.w, self.b = params[name + ".weight"], params[name + ".bias"]
         self.dw, self.db = grads[name + ".weight"], grads[name + ".bias"]
         self.eps, self.ops = eps, ops
-        self.scratch = scratch or ops.Workspace()
+        self.scratch = scratch or Workspace()
         self.ws = self.scratch.new()
 
     def forward(self, x):
@@ -141,7 +142,7 @@ class MLP:
 class Block:
     """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
 
-    scratch: {role: Workspace} shared by all blocks (e.g. a defaultdict(ops.Workspace)).
+    scratch: {role: Workspace} shared by all blocks (e.g. a defaultdict(Workspace)).
     ops: the op functions to call (npgpt.ops, or kernels.fused_ops's on a GPU)."""
 
     def __init__(self, params, grads, name, config, rng, scratch, ops=ops):

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from . import kernels, ops
+from .arrays import Workspace, sum_dtype
 from .sampling import check_sampling_args, sample_next
 from .backend import RandomStream, array_module, get_xp, resolve_device, to_numpy
 from .layers import Block, Dropout, Embedding, LayerNorm, TiedHead
@@ -88,12 +89,12 @@ class GPT:
         self.params, self.rng = params, rng
         # float16 parameters get float32 gradients: the tied head's and the embedding's
         # parts, the workers' and the micro-batches' are added up in float32 (mixed.py)
-        self.grads = FlatDict(xp.zeros(params.flat.size, dtype=ops.sum_dtype(self.dtype)),
+        self.grads = FlatDict(xp.zeros(params.flat.size, dtype=sum_dtype(self.dtype)),
                               gpt2_param_shapes(config))
         p, g = self.params, self.grads
         self.ops = kernels.fused_ops(xp, self.dtype)  # ops.py, or fused kernels on a GPU
         reuse = self._reuse
-        scratch = defaultdict(lambda: ops.Workspace(reuse))  # shared by every block (layers.py)
+        scratch = defaultdict(lambda: Workspace(reuse))  # shared by every block (layers.py)
         vocab_ws = scratch["vocab"]  # the (V, C) scratch of the embedding and the tied head
         self.embedding = Embedding(p, g, vocab_ws)
         self.drop = Dropout(config.dropout, self.rng)

@@ -13,7 +13,7 @@ functions are pure (no state, no parameter updates), which is what the gradient 
 in tests/ perturb, and they take their array module from their inputs, so they run
 unchanged on NumPy or CuPy. Scalars are Python floats: under NumPy 2's promotion rules
 (NEP 50) a NumPy float64 scalar silently promotes float32 arrays to float64 (NumPy 1.x
-looked at the scalar's value instead). Most ops take an optional Workspace `ws`
+looked at the scalar's value instead). Most ops take an optional Workspace `ws` (arrays.py)
 saying where their results go: the layers pass one so that a training step reuses the
 previous step's memory; without one every result is a new array (same arithmetic).
 """
@@ -23,35 +23,9 @@ from collections import namedtuple
 
 import numpy as np
 
+from .arrays import FRESH, column_sums, matmul, row_sums, sum_dtype
 from .backend import get_xp
 
-
-class Workspace:
-    """Memory reused from one call of an op to the next: `ws(name, shape, like)` returns
-    an array of `shape` (like's dtype, or `dtype`) in the memory kept under `name`, grown as needed.
-    A fresh 8 MB result costs more (the kernel faults in and zeroes its pages) than a
-    matrix product written into memory already mapped. What an op writes lives until
-    the next use of the same name, so layers choose who shares a workspace (layers.py).
-    FRESH (reuse=False), the default, always allocates."""
-
-    def __init__(self, reuse=True):
-        self.reuse, self.arrays = reuse, {}
-
-    def __call__(self, name, shape, like, dtype=None):
-        size, dtype = math.prod(shape), np.dtype(like.dtype if dtype is None else dtype)
-        a = self.arrays.get((name, dtype))  # (a float16 model keeps float32 sums beside)
-        if a is None or a.size < size:
-            a = get_xp(like).empty(size, dtype=dtype)
-            if self.reuse:
-                self.arrays[name, dtype] = a
-        return a[:size].reshape(shape)
-
-    def new(self):
-        """Another Workspace that reuses its memory exactly when this one does."""
-        return Workspace(self.reuse)
-
-
-FRESH = Workspace(reuse=False)
 
 # what each forward keeps for its backward, by name (a learner can read cache.att)
 EmbeddingCache = namedtuple("EmbeddingCache", "idx wte_shape wpe_shape")
@@ -61,60 +35,6 @@ LayerNormCache = namedtuple("LayerNormCache", "xhat rstd w")
 GeluCache = namedtuple("GeluCache", "x out")
 AttentionCache = namedtuple("AttentionCache", "qs k v att att_used att_mask scale y")
 CrossEntropyCache = namedtuple("CrossEntropyCache", "probs t_safe valid count shape")
-
-
-@functools.lru_cache(maxsize=32)
-def _ones(n, dtype):
-    return np.ones(n, dtype=dtype)
-
-
-def sum_dtype(dtype):
-    """The dtype a sum over many terms is taken in: float32 for float16, else dtype itself.
-    float16 has an 11-bit mantissa and a largest value of 65504: a running sum of 2048
-    terms of 1.0 stops growing (2048 + 1 rounds back to 2048), and a row of 384 squares
-    of 20 overflows. So every reduction of a float16 model (LayerNorm's mean and variance,
-    softmax's row sums, the log-sum-exp, the parameter gradients' sums) is float32."""
-    return np.dtype(np.float32) if np.dtype(dtype) == np.float16 else np.dtype(dtype)
-
-
-def matmul(a, b, out=None):
-    """a @ b (into `out`, else a new array of a's dtype).
-
-    float16 inputs are multiplied with float32 sums and the result rounded to float16
-    once, as a GPU's tensor cores do: CuPy's float16 product does that itself. NumPy's
-    float16 matmul has no BLAS (100x slower than float32 here), so on the CPU the inputs
-    are copied to float32 (exact: every float16 is a float32), multiplied by float32 BLAS
-    and the result rounded once: the same numbers, at float32's speed plus two copies."""
-    xp = get_xp(a)
-    if xp is not np or a.dtype != np.float16:
-        return xp.matmul(a, b, out=out)
-    product = np.matmul(a.astype(np.float32), b.astype(np.float32))
-    if out is None:
-        return product.astype(np.float16)
-    out[...] = product
-    return out
-
-
-def _row_sums(a, ws, name):
-    """(..., 1) row sums of `a`, in sum_dtype. On the CPU one matrix-vector product
-    a @ ones (BLAS beats NumPy's reductions over short rows several times); on a GPU, and
-    for float16, a reduction that adds in float32 (with TF32 on, a matrix product would
-    round every term to 10 bits)."""
-    xp, acc = get_xp(a), sum_dtype(a.dtype)
-    out = ws(name, a.shape[:-1] + (1,), a, acc)
-    if xp is not np or acc != a.dtype:
-        return a.sum(axis=-1, keepdims=True, dtype=acc, out=out)
-    np.matmul(a.reshape(-1, a.shape[-1]), _ones(a.shape[-1], a.dtype), out=out.reshape(-1))
-    return out
-
-
-def _column_sums(a2):
-    """(C,) column sums of a2 (N, C) in sum_dtype: ones @ a2 by BLAS on the CPU, as
-    _row_sums."""
-    acc = sum_dtype(a2.dtype)
-    if get_xp(a2) is not np or acc != a2.dtype:
-        return a2.sum(axis=0, dtype=acc)
-    return np.matmul(_ones(a2.shape[0], a2.dtype), a2)
 
 
 # ----------------------------------------------------------------------------
@@ -211,7 +131,7 @@ def linear_backward(dout, cache, ws=FRESH):
     x2 = x.reshape(-1, x.shape[-1])           # (N, Cin)
     dx = matmul(dout2, w.T, out=ws("dx", x2.shape, dout)).reshape(x.shape)  # (..., Cin)
     dw = matmul(x2.T, dout2, out=ws("dw", w.shape, dout))
-    db = _column_sums(dout2)
+    db = column_sums(dout2)
     return dx, dw, db
 
 
@@ -248,12 +168,12 @@ def layernorm_forward(x, w, b, eps=1e-5, ws=FRESH):
     """out = (x - mean) / sqrt(var + eps) * w + b, statistics over the last axis (C).
     Textbook version: reference.layernorm_forward."""
     xp, inv_c, acc = get_xp(x), 1.0 / x.shape[-1], sum_dtype(x.dtype)
-    mean = _row_sums(x, ws, "mean")
+    mean = row_sums(x, ws, "mean")
     mean *= inv_c                                             # (..., 1), float32 for float16
     xhat = xp.subtract(x, mean, out=ws("xhat", x.shape, x))   # x - mean, scaled below
     # (x - mean)^2 in out's memory; float16 squares overflow past 256, so theirs are float32
     sq = ws("out", x.shape, x, acc)
-    var = _row_sums(xp.multiply(xhat, xhat, out=sq, dtype=acc), ws, "var")
+    var = row_sums(xp.multiply(xhat, xhat, out=sq, dtype=acc), ws, "var")
     var *= inv_c                                              # biased variance, as PyTorch
     rstd = 1.0 / (var + eps) ** 0.5                           # (..., 1)
     xhat *= rstd
@@ -277,11 +197,11 @@ def layernorm_backward(dout, cache, ws=FRESH):
     xhat, rstd, w = cache
     xp, C = get_xp(dout), xhat.shape[-1]
     tmp = ws("tmp", xhat.shape, dout)
-    db = _column_sums(dout.reshape(-1, C))
-    dw = _column_sums(xp.multiply(dout, xhat, out=tmp).reshape(-1, C))
+    db = column_sums(dout.reshape(-1, C))
+    dw = column_sums(xp.multiply(dout, xhat, out=tmp).reshape(-1, C))
     dx = xp.multiply(dout, w, out=ws("dx", xhat.shape, dout))  # dxhat
-    proj = _row_sums(xp.multiply(dx, xhat, out=tmp), ws, "proj")
-    dx -= _row_sums(dx, ws, "dmean") * (1.0 / C)
+    proj = row_sums(xp.multiply(dx, xhat, out=tmp), ws, "proj")
+    dx -= row_sums(dx, ws, "dmean") * (1.0 / C)
     dx -= xp.multiply(xhat, proj * (1.0 / C), out=tmp)
     dx *= rstd
     return dx, dw, db
@@ -397,7 +317,7 @@ def causal_softmax(att, ws=FRESH):
     att += causal_mask_bias(T, att.dtype, xp)     # -inf above the diagonal
     att -= xp.max(att, axis=-1, keepdims=True, out=ws("rowmax", att.shape[:-1] + (1,), att))
     xp.exp(att, out=att)                          # stable softmax: every row's max is 0, and
-    att *= 1.0 / _row_sums(att, ws, "rowsum")     # exp(-inf) = 0: masked weights are exactly 0
+    att *= 1.0 / row_sums(att, ws, "rowsum")     # exp(-inf) = 0: masked weights are exactly 0
     # (float16: the row max is one of the row's numbers, exact; the row sum is float32)
     return att
 
@@ -462,7 +382,7 @@ def attention_backward(dy, cache, ws=FRESH, *, softmax_backward=causal_softmax_b
     matmul(att_used.transpose(0, 1, 3, 2), dy4, out=dv)  # (4) dv = a^T dy
     ds = matmul(dy4, v.transpose(0, 1, 3, 2), out=ws("tmp", att.shape, dy))  # (4) da
     dy_y = xp.multiply(dy, y, out=ws("dy_y", y.shape, dy)).reshape(B, T, nh, hs)
-    rowdot = _row_sums(dy_y, ws, "rowdot").transpose(0, 2, 1, 3)  # dy_i . y_i, (B,nh,T,1)
+    rowdot = row_sums(dy_y, ws, "rowdot").transpose(0, 2, 1, 3)  # dy_i . y_i, (B,nh,T,1)
     softmax_backward(ds, att, rowdot, att_mask)             # (3), (2)
     matmul(ds, k, out=dq)                                 # (1) dq = ds k * scale
     dq *= scale
@@ -491,7 +411,7 @@ def cross_entropy_forward(logits, targets, ignore_index=-1, ws=FRESH):
     probs = xp.subtract(z, z.max(axis=-1, keepdims=True), out=ws("probs", z.shape, logits))
     z_target = probs[xp.arange(z.shape[0]), t_safe]  # (N,) target logits, shifted: max 0
     xp.exp(probs, out=probs)
-    sumexp = _row_sums(probs, ws, "sumexp")     # (N, 1), >= 1
+    sumexp = row_sums(probs, ws, "sumexp")     # (N, 1), >= 1
     probs *= 1.0 / sumexp
     nll = xp.log(sumexp[:, 0]) - z_target       # log-sum-exp minus the target logit
     count = valid.sum().astype(sum_dtype(logits.dtype))  # positions with a target (float16

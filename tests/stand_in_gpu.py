@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import emulated_cuda
+import npgpt.arrays
 import npgpt.backend
 import npgpt.kernels
 import npgpt.mixed
@@ -112,8 +113,8 @@ def install(monkeypatch, fused=False):
     def get_xp(*arrays):
         return fake if any(isinstance(a, DeviceArray) for a in arrays) else np
 
-    for module in (npgpt.backend, npgpt.kernels, npgpt.mixed, npgpt.model, npgpt.ops,
-                   npgpt.optim):
+    for module in (npgpt.arrays, npgpt.backend, npgpt.kernels, npgpt.mixed, npgpt.model,
+                   npgpt.ops, npgpt.optim):
         monkeypatch.setattr(module, "get_xp", get_xp)
     monkeypatch.setattr(npgpt.backend, "gpu_available", lambda: True)
     monkeypatch.setattr(npgpt.model, "array_module",

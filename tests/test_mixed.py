@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import stand_in_gpu
-from npgpt import load, ops
+from npgpt import arrays, load, ops
 from npgpt.backend import gpu_available, to_numpy
 from npgpt.errors import NpgptError
 from npgpt.mixed import MixedPrecision
@@ -89,8 +89,8 @@ def test_layernorm_statistics_survive_values_whose_squares_overflow_float16():
 
 def test_sums_and_products_of_float16_add_up_in_float32():
     ones = np.ones((3, 4096), F16)
-    assert (ops._row_sums(ones, ops.FRESH, "s") == 4096).all()  # float16 stops at 2048
-    assert (ops._column_sums(ones.T) == 4096).all() and ops._column_sums(ones.T).dtype == F32
+    assert (arrays.row_sums(ones, arrays.FRESH, "s") == 4096).all()  # float16 stops at 2048
+    assert (arrays.column_sums(ones.T) == 4096).all() and arrays.column_sums(ones.T).dtype == F32
     rng = np.random.default_rng(1)
     a, b = (rng.standard_normal((64, 300)).astype(F16), rng.standard_normal((300, 16)).astype(F16))
     exact = a.astype(np.float64) @ b.astype(np.float64)

@@ -1,0 +1,94 @@
+"""The array plumbing that the ops in ops.py share: where their results go (Workspace),
+which dtype a sum is taken in (sum_dtype: float32 for a float16 model), matrix products
+(matmul) and row and column sums. Every function takes its array module from its inputs,
+so the same code runs on NumPy or CuPy.
+"""
+import functools
+import math
+
+import numpy as np
+
+from .backend import get_xp
+
+
+class Workspace:
+    """Memory reused from one call of an op to the next: `ws(name, shape, like)` returns
+    an array of `shape` (like's dtype, or `dtype`) in the memory kept under `name` (one
+    per dtype), grown as needed. A fresh 8 MB result costs more (the kernel faults in and zeroes its pages) than a
+    matrix product written into memory already mapped. What an op writes lives until
+    the next use of the same name, so layers choose who shares a workspace (layers.py).
+    FRESH (reuse=False), the default, always allocates."""
+
+    def __init__(self, reuse=True):
+        self.reuse, self.arrays = reuse, {}
+
+    def __call__(self, name, shape, like, dtype=None):
+        size, dtype = math.prod(shape), np.dtype(like.dtype if dtype is None else dtype)
+        a = self.arrays.get((name, dtype))  # (a float16 model keeps float32 sums beside)
+        if a is None or a.size < size:
+            a = get_xp(like).empty(size, dtype=dtype)
+            if self.reuse:
+                self.arrays[name, dtype] = a
+        return a[:size].reshape(shape)
+
+    def new(self):
+        """Another Workspace that reuses its memory exactly when this one does."""
+        return Workspace(self.reuse)
+
+
+FRESH = Workspace(reuse=False)
+
+
+@functools.lru_cache(maxsize=32)
+def ones_vector(n, dtype):
+    """A vector of n ones, made once per (n, dtype): row_sums multiplies by it."""
+    return np.ones(n, dtype=dtype)
+
+
+def sum_dtype(dtype):
+    """The dtype a sum over many terms is taken in: float32 for float16, else dtype itself.
+    float16 has an 11-bit mantissa and a largest value of 65504: a running sum of 2048
+    terms of 1.0 stops growing (2048 + 1 rounds back to 2048), and a row of 384 squares
+    of 20 overflows. So every reduction of a float16 model (LayerNorm's mean and variance,
+    softmax's row sums, the log-sum-exp, the parameter gradients' sums) is float32."""
+    return np.dtype(np.float32) if np.dtype(dtype) == np.float16 else np.dtype(dtype)
+
+
+def matmul(a, b, out=None):
+    """a @ b (into `out`, else a new array of a's dtype).
+
+    float16 inputs are multiplied with float32 sums and the result rounded to float16
+    once, as a GPU's tensor cores do: CuPy's float16 product does that itself. NumPy's
+    float16 matmul has no BLAS (100x slower than float32 here), so on the CPU the inputs
+    are copied to float32 (exact: every float16 is a float32), multiplied by float32 BLAS
+    and the result rounded once: the same numbers, at float32's speed plus two copies."""
+    xp = get_xp(a)
+    if xp is not np or a.dtype != np.float16:
+        return xp.matmul(a, b, out=out)
+    product = np.matmul(a.astype(np.float32), b.astype(np.float32))
+    if out is None:
+        return product.astype(np.float16)
+    out[...] = product
+    return out
+
+
+def row_sums(a, ws, name):
+    """(..., 1) row sums of `a`, in sum_dtype. On the CPU one matrix-vector product
+    a @ ones (BLAS beats NumPy's reductions over short rows several times); on a GPU, and
+    for float16, a reduction that adds in float32 (with TF32 on, a matrix product would
+    round every term to 10 bits)."""
+    xp, acc = get_xp(a), sum_dtype(a.dtype)
+    out = ws(name, a.shape[:-1] + (1,), a, acc)
+    if xp is not np or acc != a.dtype:
+        return a.sum(axis=-1, keepdims=True, dtype=acc, out=out)
+    np.matmul(a.reshape(-1, a.shape[-1]), ones_vector(a.shape[-1], a.dtype), out=out.reshape(-1))
+    return out
+
+
+def column_sums(a2):
+    """(C,) column sums of a2 (N, C) in sum_dtype: ones @ a2 by BLAS on the CPU, as
+    row_sums."""
+    acc = sum_dtype(a2.dtype)
+    if get_xp(a2) is not np or acc != a2.dtype:
+        return a2.sum(axis=0, dtype=acc)
+    return np.matmul(ones_vector(a2.shape[0], a2.dtype), a2)
