@@ -124,7 +124,7 @@ def test_loss_scaling_keeps_small_gradients_from_underflowing():
         _, cache = ops.cross_entropy_forward(logits, targets)
         (dlogits,) = ops.cross_entropy_backward(scale, cache)
         lost[scale] = np.mean((dlogits == 0) & (cache.probs != 0))  # flushed to zero here
-    assert lost[2.0 ** 16] == 0.0 and lost[1.0] > 0.25  # measured: 0.54
+    assert lost[2.0 ** 16] == 0.0 and lost[1.0] > 0.25  # measured: 0.54 of all entries
 
 
 def step(mp, opt, x, y):
