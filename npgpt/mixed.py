@@ -33,6 +33,12 @@ from .optim import clip_grad_norm
 MASTER_DTYPE = "float32"
 
 
+def weights_dtype(dtype):
+    """The dtype of the weights AdamW updates for a run in `dtype` (--dtype): the float32
+    masters for float16, else dtype itself."""
+    return MASTER_DTYPE if dtype == "float16" else dtype
+
+
 class MixedPrecision:
     """A float16 copy of a float32 model, and the loss scale of its training.
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from . import kernels, ops
+from . import kernels
 from .arrays import Workspace, sum_dtype
 from .sampling import check_sampling_args, sample_next
 from .backend import RandomStream, array_module, get_xp, resolve_device, to_numpy

@@ -317,7 +317,7 @@ def causal_softmax(att, ws=FRESH):
     att += causal_mask_bias(T, att.dtype, xp)     # -inf above the diagonal
     att -= xp.max(att, axis=-1, keepdims=True, out=ws("rowmax", att.shape[:-1] + (1,), att))
     xp.exp(att, out=att)                          # stable softmax: every row's max is 0, and
-    att *= 1.0 / row_sums(att, ws, "rowsum")     # exp(-inf) = 0: masked weights are exactly 0
+    att *= 1.0 / row_sums(att, ws, "rowsum")      # exp(-inf) = 0: masked weights are exactly 0
     # (float16: the row max is one of the row's numbers, exact; the row sum is float32)
     return att
 
@@ -379,14 +379,14 @@ def attention_backward(dy, cache, ws=FRESH, *, softmax_backward=causal_softmax_b
     dy4 = dy.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)  # (B,T,C) -> (B,nh,T,hs)
     dqkv = ws("dx", (B, T, 3 * nh * hs), dy)
     dq, dk, dv = _split_heads(dqkv, nh)  # views of dqkv as heads, written in place
-    matmul(att_used.transpose(0, 1, 3, 2), dy4, out=dv)  # (4) dv = a^T dy
+    matmul(att_used.transpose(0, 1, 3, 2), dy4, out=dv)     # (4) dv = a^T dy
     ds = matmul(dy4, v.transpose(0, 1, 3, 2), out=ws("tmp", att.shape, dy))  # (4) da
     dy_y = xp.multiply(dy, y, out=ws("dy_y", y.shape, dy)).reshape(B, T, nh, hs)
     rowdot = row_sums(dy_y, ws, "rowdot").transpose(0, 2, 1, 3)  # dy_i . y_i, (B,nh,T,1)
     softmax_backward(ds, att, rowdot, att_mask)             # (3), (2)
-    matmul(ds, k, out=dq)                                 # (1) dq = ds k * scale
+    matmul(ds, k, out=dq)                                   # (1) dq = ds k * scale
     dq *= scale
-    matmul(ds.transpose(0, 1, 3, 2), qs, out=dk)          # (1) dk = ds^T qs
+    matmul(ds.transpose(0, 1, 3, 2), qs, out=dk)            # (1) dk = ds^T qs
     return (dqkv,)
 
 
@@ -411,7 +411,7 @@ def cross_entropy_forward(logits, targets, ignore_index=-1, ws=FRESH):
     probs = xp.subtract(z, z.max(axis=-1, keepdims=True), out=ws("probs", z.shape, logits))
     z_target = probs[xp.arange(z.shape[0]), t_safe]  # (N,) target logits, shifted: max 0
     xp.exp(probs, out=probs)
-    sumexp = row_sums(probs, ws, "sumexp")     # (N, 1), >= 1
+    sumexp = row_sums(probs, ws, "sumexp")      # (N, 1), >= 1
     probs *= 1.0 / sumexp
     nll = xp.log(sumexp[:, 0]) - z_target       # log-sum-exp minus the target logit
     count = valid.sum().astype(sum_dtype(logits.dtype))  # positions with a target (float16

@@ -6,8 +6,6 @@ over the flat buffer, taken CHUNK elements at a time so that the temporaries are
 small scratch buffer (not a fifth model-sized array: 0.5 GB for GPT-2 124M); any
 other {name: array} dict is updated tensor by tensor with the same expressions.
 """
-import math
-
 from . import kernels
 from .backend import get_xp
 
@@ -68,11 +66,12 @@ class AdamW:
         b1, b2 = self.betas
         if skip is None:
             self.t += 1
-            keep = 1.0
+            keep, t = 1.0, self.t
         else:
-            keep = (~skip).astype(get_xp(skip).int64)  # 0-d on the device: 1 updates, 0 skips
+            xp = get_xp(skip)
+            keep = (~skip).astype(xp.int64)  # 0-d on the device: 1 updates, 0 skips
             self.t = self.t + keep
-        t = self.t if skip is None else get_xp(skip).maximum(self.t, 1)  # (t = 0: keep = 0)
+            t = xp.maximum(self.t, 1)        # (t = 0 only while keep = 0)
         bias1 = 1.0 - b1 ** t           # Python floats, or 0-d arrays when t is one
         bias2_sqrt = (1.0 - b2 ** t) ** 0.5
         flat = getattr(grads, "flat", None)

@@ -30,7 +30,7 @@ from .backend import auto_device_note, enable_tf32
 from .checkpoint import load, save
 from .distributed import Group, param_checksum
 from .errors import CheckpointError, NpgptError
-from .mixed import MASTER_DTYPE, MixedPrecision
+from .mixed import MixedPrecision, weights_dtype
 from .model import GPT, GPTConfig
 from .optim import AdamW, clip_grad_norm
 from .parallel import Workers, resolve_workers
@@ -107,7 +107,7 @@ class Trainer:
                              "or start a new one in another --out-dir (or delete it first)")
         cfg.validate()
         self.cfg = cfg
-        weights = MASTER_DTYPE if cfg.dtype == "float16" else cfg.dtype  # what AdamW updates
+        weights = weights_dtype(cfg.dtype)  # float32 masters for a float16 run (mixed.py)
         if resume and str(self.model.dtype) != weights:  # (the run changes --dtype)
             self.model, _ = load(self.ckpt_path, device=cfg.device, dtype=weights)
         if cfg.tf32:
@@ -177,8 +177,7 @@ class Trainer:
         the block size may be cropped below n_positions; dropout comes from cfg."""
         from .hf import from_pretrained
         from .tokenizers import tokenizer_from_pretrained
-        model = from_pretrained(cfg.init_from, device=cfg.device,
-                                dtype=MASTER_DTYPE if cfg.dtype == "float16" else cfg.dtype,
+        model = from_pretrained(cfg.init_from, device=cfg.device, dtype=weights_dtype(cfg.dtype),
                                 dropout=cfg.dropout)
         mc = model.config
         for name in ("n_layer", "n_head", "n_embd"):

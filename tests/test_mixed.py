@@ -22,6 +22,7 @@ from npgpt.mixed import MixedPrecision
 from npgpt.model import GPT, GPTConfig
 from npgpt.optim import AdamW
 from npgpt.training import Trainer
+from test_parity import rel
 from test_training import run_until, tiny
 
 CFG = GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.1)
@@ -31,11 +32,6 @@ F16, F32 = np.dtype(np.float16), np.dtype(np.float32)
 def batch(seed, B=8, T=32, V=65):
     rng = np.random.default_rng(seed)
     return rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T))
-
-
-def relative(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 @pytest.fixture(params=["cpu", "stand-in", "cuda"])
@@ -68,7 +64,7 @@ def test_float16_model_matches_float32_from_the_same_weights(seed, device):
     assert np.abs(logits16 - logits32).max() / np.abs(logits32).max() < 4e-3
     assert m16.grads.flat.dtype == F32 and m16.params.flat.dtype == F16
     for name, g32 in m32.grads.items():
-        assert relative(to_numpy(m16.grads[name]), to_numpy(g32)) < 1e-2, name
+        assert rel(to_numpy(m16.grads[name]), to_numpy(g32)) < 1e-2, name
     # what the backward keeps is float16; the statistics beside it are float32
     block = m16.blocks[0]
     assert block.ln_1.cache.xhat.dtype == F16 and block.ln_1.cache.rstd.dtype == F32
