@@ -15,8 +15,9 @@ class Workspace:
     """Memory reused from one call of an op to the next: `ws(name, shape, like)` returns
     an array of `shape` (like's dtype, or `dtype`) in the memory kept under `name` (one
     per dtype), grown as needed. A fresh 8 MB result costs more (the kernel faults in and
-    zeroes its pages) than a matrix product written into memory already mapped. What an op writes lives until
-    the next use of the same name, so layers choose who shares a workspace (layers.py).
+    zeroes its pages) than a matrix product written into memory already mapped. What an
+    op writes lives until the next use of the same name, so layers choose who shares a
+    workspace (layers.py).
     FRESH (reuse=False), the default, always allocates."""
 
     def __init__(self, reuse=True):
