@@ -455,6 +455,6 @@ def attention_with_cache(qkv, n_head, k_cache, v_cache, pos):
     att[..., pos:end] += causal_mask_bias(Tn, att.dtype, xp)
     att -= att.max(axis=-1, keepdims=True)
     xp.exp(att, out=att)
-    att /= att.sum(axis=-1, keepdims=True)
+    att /= att.sum(axis=-1, keepdims=True, dtype=sum_dtype(att.dtype))  # (float16: float32)
     y = matmul(att, v_cache[:, :, :end])          # (B,nh,Tn,hs)
     return y.transpose(0, 2, 1, 3).reshape(B, Tn, C3 // 3)  # (B,nh,Tn,hs) -> (B,Tn,C)
