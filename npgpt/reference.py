@@ -299,3 +299,48 @@ def attention_with_cache(qkv, n_head, k_cache, v_cache, pos):
     causal = np.arange(end)[None, :] <= pos + np.arange(Tn)[:, None]  # (Tn, end)
     att = _softmax(np.where(causal, att, -np.inf))
     return _merge(att @ values)                               # (B,nh,Tn,hs) -> (B,Tn,C)
+
+
+# ----------------------------------------------------------------------------
+# sampling the next token (no backward: used only to generate)
+
+
+def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
+    """(B,V) float64 probabilities after temperature, top-k and top-p filtering.
+
+        p = softmax(logits / temperature), then top-k: 0 below each row's k-th largest
+        logit; top-p: keep the most likely tokens, in order, while the mass of those
+        before them is < top_p (so at least one), 0 elsewhere, renormalised.
+
+    sampling.next_token_probs returns the same bits without sorting the vocabulary:
+    it sorts only the candidates that can hold the nucleus (a full argsort of GPT-2's
+    50257 tokens costs more than a third of a forward pass)."""
+    z = np.asarray(logits, dtype=np.float64) / temperature  # (B,V)
+    if top_k is not None and top_k < z.shape[-1]:
+        kth = np.partition(z, -top_k, axis=-1)[:, -top_k][:, None]  # k-th largest per row
+        z = np.where(z < kth, -np.inf, z)
+    probs = _softmax(z)
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(-probs, axis=-1, kind="stable")       # most likely first
+        sorted_p = np.take_along_axis(probs, order, axis=-1)
+        before = np.cumsum(sorted_p, axis=-1) - sorted_p          # mass of the better tokens
+        keep = np.zeros(probs.shape, dtype=bool)
+        np.put_along_axis(keep, order, before < top_p, axis=-1)   # back to vocabulary order
+        probs = np.where(keep, probs, 0.0)
+        probs /= probs.sum(axis=-1, keepdims=True)
+    return probs
+
+
+def sample_next(logits, rng, temperature=1.0, top_k=None, top_p=None):
+    """(B,) next token ids; temperature 0 is greedy (the argmax).
+
+    Inverse-CDF sampling: one uniform u per row, the token is the first whose
+    cumulative probability reaches u times the row's total. sampling.sample_next takes
+    that cumulative sum over the tokens left with a non-zero probability only."""
+    if temperature == 0:
+        return np.asarray(logits).argmax(axis=-1)
+    probs = next_token_probs(logits, temperature, top_k, top_p)
+    u = rng.random((probs.shape[0], 1))
+    cdf = np.cumsum(probs, axis=-1)                              # (B,V)
+    ids = (cdf < u * cdf[:, -1:]).sum(axis=-1)
+    return np.minimum(ids, probs.shape[-1] - 1)

@@ -90,3 +90,58 @@ def test_bad_sampling_arguments():
         m.generate(np.array([[1]]), 2, top_p=1.5)
     with pytest.raises(ValueError, match="prompt"):
         m.generate(np.zeros((1, 0), dtype=int), 2)
+
+
+def _logit_rows(rng, n, V):
+    """Rows of many kinds: peaked and flat, heavy ties, -inf entries, float32 input."""
+    rows = [rng.standard_normal((n, V)) * rng.uniform(0.1, 8.0, (n, 1))]
+    rows.append(np.round(rng.standard_normal((n, V)) * 2))          # many exact ties
+    flat = np.zeros((2, V)); flat[1, ::3] = 1.0                        # all equal / 2 levels
+    rows.append(flat)
+    masked = rng.standard_normal((n, V)); masked[:, ::2] = -np.inf    # half the tokens banned
+    rows.append(masked)
+    rows.append(rng.standard_normal((n, V)).astype(np.float32).astype(np.float64) * 4)
+    return np.concatenate(rows)
+
+
+@pytest.mark.parametrize("V", [7, 50, 5000])
+def test_the_fast_selection_is_the_textbook_one_bit_for_bit(V):
+    """sampling.py's candidate-set top-k, top-p and CDF against reference.py's full
+    partition, argsort and cumulative sum: the same probabilities to the bit and the
+    same tokens for the same generator, on many rows (the narrow candidate sets, the
+    wider ones and the whole-row fallback are all reached)."""
+    from npgpt import reference
+
+    rng = np.random.default_rng(V)
+    logits = _logit_rows(rng, 12, V)
+    for kw in [dict(), dict(temperature=0.7), dict(top_k=1), dict(top_k=5),
+               dict(top_k=V - 1), dict(top_p=0.5), dict(top_p=0.999999),
+               dict(top_p=1e-9), dict(temperature=1.5, top_k=40, top_p=0.9),
+               dict(temperature=0.3, top_p=0.95)]:
+        fast = next_token_probs(logits, **{"temperature": 1.0, **kw})
+        slow = reference.next_token_probs(logits, **{"temperature": 1.0, **kw})
+        assert fast.dtype == np.float64
+        np.testing.assert_array_equal(fast, slow, err_msg=str(kw))
+        a, b = np.random.default_rng(1), np.random.default_rng(1)
+        for _ in range(3):
+            np.testing.assert_array_equal(sample_next(logits, a, **kw),
+                                          reference.sample_next(logits, b, **kw),
+                                          err_msg=str(kw))
+
+
+def test_the_nucleus_falls_back_to_the_whole_row_when_the_candidates_hold_too_little():
+    from npgpt.sampling import PROB_RATIOS, nucleus
+
+    # one likely token and a long flat tail far below every candidate threshold:
+    # the top-p set needs tail tokens, so the whole row is sorted
+    V = 100_000
+    row = np.full(V, PROB_RATIOS[-1] / 4)
+    row[123] = 1.0
+    row /= row.sum()
+    keep = nucleus(row, 0.999)  # the top token holds 0.9985
+    assert keep[123] and keep.sum() > 1000
+    order = np.argsort(-row, kind="stable")
+    before = np.cumsum(row[order]) - row[order]
+    expected = np.zeros(V, dtype=bool)
+    expected[order] = before < 0.999
+    np.testing.assert_array_equal(keep, expected)
