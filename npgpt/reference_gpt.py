@@ -26,6 +26,8 @@ No dropout: this is the model in eval mode (GPT.forward(idx, targets), train=Fal
 from . import reference as ref
 
 WTE, WPE = "transformer.wte.weight", "transformer.wpe.weight"
+# a block's layers in the order backprop reaches them (the reverse of the forward's)
+BLOCK_LAYERS_BACKWARD = ("mlp.c_proj", "mlp.c_fc", "ln_2", "attn.c_proj", "attn.c_attn", "ln_1")
 
 
 def backward_order(n_layer):
@@ -35,8 +37,7 @@ def backward_order(n_layer):
     names = ["transformer.ln_f.weight", "transformer.ln_f.bias"]
     for i in reversed(range(n_layer)):
         names += [f"transformer.h.{i}.{layer}.{w}"
-                  for layer in ("mlp.c_proj", "mlp.c_fc", "ln_2", "attn.c_proj", "attn.c_attn", "ln_1")
-                  for w in ("weight", "bias")]
+                  for layer in BLOCK_LAYERS_BACKWARD for w in ("weight", "bias")]
     return names + [WPE, WTE]
 
 
@@ -50,6 +51,9 @@ def gpt_forward(params, idx, targets, n_head):
     "loss": c}, each c the cache the reference.py forward of that name returned."""
     p = params
     n_layer = sum(1 for name in p if name.endswith(".ln_1.weight"))
+    C = p[WTE].shape[1]
+    if C % n_head:
+        raise ValueError(f"n_head ({n_head}) must divide the embedding width C ({C})")
     x, emb = ref.embedding_forward(idx, p[WTE], p[WPE])               # (B,T,C)
     blocks = []
     for i in range(n_layer):
@@ -102,5 +106,5 @@ def gpt_backward(cache):
             ref.layernorm_backward(da, c["ln_1"])                  # a = ln_1(x)
         dx = dx + dx2                                              # x = x + attn(ln_1(x))
     dwte_emb, g[WPE] = ref.embedding_backward(dx, cache["embedding"])  # x = wte[idx] + wpe[:T]
-    g[WTE] = dwte_head + dwte_emb                                  # wte: the head's + the embedding's
+    g[WTE] = dwte_head + dwte_emb                                  # wte: head's + embedding's
     return g

@@ -59,6 +59,11 @@ def test_backward_order_names_every_parameter_once():
                                       "transformer.h.1.mlp.c_proj.bias"]
 
 
+def test_reference_gpt_names_a_wrong_head_count():
+    with pytest.raises(ValueError, match="n_head"):
+        gpt_forward(perturbed_model().params, *batch(), n_head=3)
+
+
 # the tied wte (both of its paths), a position table, and one bias or LayerNorm
 # parameter from each kind of layer of both blocks
 CHECKED = ["transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight",
