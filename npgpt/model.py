@@ -231,33 +231,45 @@ class GPT:
 
     # --------------------------------------------------------------- generation
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 seed=None, use_cache=True):
+                 seed=None, use_cache=True, seeds=None, stop_token=None):
         """(B, T + max_new_tokens) ids: idx followed by sampled continuations.
 
         temperature 0 is greedy; top_k / top_p restrict sampling to the most likely
-        tokens; seed fixes the sampling generator. use_cache=False recomputes the whole
-        (cropped) context for every token: slower, same tokens."""
+        tokens; seed fixes the sampling generator. seeds: one seed per row instead (row
+        b samples as it would alone with seed=seeds[b]). stop_token: a row that samples
+        it is finished and padded with it (GPT-2's <|endoftext|>, as transformers pads
+        with it); the output is shorter when every row has finished. use_cache=False
+        recomputes the whole (cropped) context for every token: slower, same tokens."""
         idx = self._check_idx(idx)
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
-                                        seed, use_cache))
+                                        seed, use_cache, seeds, stop_token))
         xp = self.xp
         new = xp.stack(new, axis=1) if new else xp.zeros((idx.shape[0], 0), dtype=idx.dtype)
         return xp.concatenate([idx, new.astype(idx.dtype)], axis=1)
 
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        seed=None, use_cache=True):
+                        seed=None, use_cache=True, seeds=None, stop_token=None):
         """Yield each new token as a (B,) array as soon as it is sampled.
 
         With the KV cache each token costs one forward over one position. The model sees
         at most block_size tokens (older ones are cropped, as in nanoGPT); once the
         context is longer than that, every position embedding shifts with each new
-        token, so the window is recomputed for each token from then on."""
+        token, so the window is recomputed for each token from then on. seeds and
+        stop_token: as in generate (a finished row yields stop_token; the stream ends
+        when every row has finished)."""
         check_sampling_args(temperature, top_k, top_p)
         idx = self._check_idx(idx)
         if idx.shape[1] == 0:
             raise ValueError("generation needs a prompt of at least one token")
         xp, bs = self.xp, self.config.block_size
-        rng = np.random.default_rng(seed)
+        if seeds is None:
+            rng = np.random.default_rng(seed)
+        elif seed is not None or len(seeds) != idx.shape[0]:
+            raise ValueError(f"pass seed or seeds, not both; seeds needs one seed per row "
+                             f"({idx.shape[0]}), got {len(seeds)}")
+        else:  # a generator per row: a row's draws do not depend on the others
+            rng = [np.random.default_rng(s) for s in seeds]
+        done = np.zeros(idx.shape[0], dtype=bool)  # rows that sampled stop_token
         context = idx
         cache = None
         for _ in range(max_new_tokens):
@@ -270,9 +282,15 @@ class GPT:
                 logits = self._forward_logits(window, cache)
             else:  # one position through the cached keys and values
                 logits = self._forward_logits(window[:, -1:], cache)
-            token = xp.asarray(sample_next(logits, rng, temperature, top_k, top_p))
+            token = sample_next(logits, rng, temperature, top_k, top_p)  # (B,) on the host
+            if stop_token is not None:
+                token = np.where(done, stop_token, token)  # a finished row stays finished
+                done |= token == stop_token
+            token = xp.asarray(token)
             context = xp.concatenate([context, token[:, None].astype(context.dtype)], axis=1)
             yield token
+            if done.all():
+                return
 
     def _forward_logits(self, idx, cache=None):
         """Logits (B,V) of the last position; with a cache, idx continues cache.pos."""

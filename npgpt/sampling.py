@@ -92,6 +92,8 @@ def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
 def sample_next(logits, rng, temperature=1.0, top_k=None, top_p=None):
     """(B,) next token ids for (B,V) logits (NumPy or CuPy); temperature 0 is greedy.
 
+    rng: one NumPy Generator for every row, or a list of B of them, one per row (a row
+    then draws exactly what it would draw alone: a batch of samples is the samples).
     Inverse-CDF sampling, one uniform draw u per row: the first token whose cumulative
     probability reaches u times the row's total. The cumulative sum runs over the
     tokens with a non-zero probability only (adding the others' exact zeros changes no
@@ -100,7 +102,10 @@ def sample_next(logits, rng, temperature=1.0, top_k=None, top_p=None):
     if temperature == 0:
         return logits.argmax(axis=-1)
     probs = next_token_probs(logits, temperature, top_k, top_p)
-    u = rng.random((probs.shape[0], 1))
+    if isinstance(rng, np.random.Generator):
+        u = rng.random((probs.shape[0], 1))                    # (B,1)
+    else:
+        u = np.array([[row_rng.random()] for row_rng in rng])  # (B,1), row b from rng[b]
     ids = np.empty(probs.shape[0], dtype=np.int64)
     for b, row in enumerate(probs):
         support = np.flatnonzero(row)                  # tokens that can be drawn

@@ -145,3 +145,37 @@ def test_the_nucleus_falls_back_to_the_whole_row_when_the_candidates_hold_too_li
     expected = np.zeros(V, dtype=bool)
     expected[order] = before < 0.999
     np.testing.assert_array_equal(keep, expected)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=0.8, top_k=5),
+                                dict(temperature=1.3, top_p=0.9)])
+def test_a_batch_of_seeded_rows_is_the_same_samples_drawn_one_by_one(kw):
+    """seeds=: row b of one batched pass draws what it draws alone with seed=seeds[b]
+    (float64, so the batched and single products agree to the last bits that matter),
+    past block_size too."""
+    m = GPT(CFG, seed=5, dtype="float64")
+    prompt = np.array([[3, 1, 4]])
+    seeds = [[7, i] for i in range(4)]
+    batch = m.generate(np.repeat(prompt, 4, axis=0), 15, seeds=seeds, **kw)
+    for i, s in enumerate(seeds):
+        np.testing.assert_array_equal(batch[i], m.generate(prompt, 15, seed=s, **kw)[0])
+    assert len({tuple(row) for row in batch}) > 1  # the rows do differ
+    with pytest.raises(ValueError, match="one seed per row"):
+        m.generate(np.repeat(prompt, 4, axis=0), 3, seeds=seeds[:3])
+
+
+def test_a_row_that_samples_the_stop_token_is_finished_and_padded():
+    m = GPT(CFG, seed=6)
+    prompt = np.array([[1, 2], [1, 2], [3, 4]])
+    free = m.generate(prompt, 25, seeds=[0, 1, 2])
+    stop = int(free[0, 5])  # row 0's fourth new token
+    out = m.generate(prompt, 25, seeds=[0, 1, 2], stop_token=stop)
+    for row_free, row in zip(free, out):
+        hits = np.flatnonzero(row_free[2:] == stop)
+        end = 2 + (hits[0] + 1 if len(hits) else 25)  # through the first stop token
+        np.testing.assert_array_equal(row[:end], row_free[:end])
+        assert np.all(row[end:] == stop)
+    # the stream ends as soon as every row has stopped
+    alone = m.generate(prompt[:1], 25, seeds=[0], stop_token=stop)
+    first = 2 + np.flatnonzero(free[0, 2:] == stop)[0]
+    np.testing.assert_array_equal(alone[0], free[0, :first + 1])
