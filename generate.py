@@ -7,6 +7,7 @@ import numpy as np
 from npgpt.backend import auto_device_note
 from npgpt.checkpoint import load
 from npgpt.cli import run_cli
+from npgpt.data import read_text
 from npgpt.errors import NpgptError
 from npgpt import from_pretrained, tokenizer_from_pretrained
 from npgpt.tokenizers import tokenizer_from_json
@@ -18,7 +19,11 @@ def build_parser():
     p.add_argument("--model", default=None, metavar="DIR",
                    help="sample from a Hugging Face GPT-2 folder (config.json + model.safetensors "
                         "+ tokenizer files) instead of --ckpt")
-    p.add_argument("--seed", default="\n", help="the prompt text (default: a newline)")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--seed", default="\n", help="the prompt text (default: a newline)")
+    prompt.add_argument("--seed-file", default=None, metavar="PATH",
+                        help="read the prompt from a UTF-8 text file (nanoGPT's "
+                             "--start=FILE:prompt.txt), used exactly as written")
     p.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate (default: 500)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy (default: 1.0)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
@@ -62,6 +67,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.max_new_tokens < 0 or args.num_samples < 1:
         raise NpgptError("--max-new-tokens must be >= 0 and --num-samples >= 1")
+    if args.seed_file is not None:  # checked as eval.py checks --data (empty, binary, UTF-8)
+        args.seed = read_text(args.seed_file)
     model, tokenizer = load_model(args)
     model.reuse_memory = True  # sampling keeps no layer output: reuse the memory (faster)
     note = auto_device_note(args.device, model.device)
