@@ -85,14 +85,16 @@ def grade(name, backward):
     return _grade_op(name, backward)
 
 
-def _freeze(obj):
-    """Make every array in obj (nested tuples/lists) read-only: the prepared cases are
-    shared by every grade() call and must never change."""
+def freeze(obj):
+    """Make every array in obj (nested tuples, lists, dicts) read-only: the prepared
+    cases are shared by every grade() call and must never change."""
     if isinstance(obj, np.ndarray):
         obj.flags.writeable = False
+    elif isinstance(obj, dict):
+        freeze(list(obj.values()))
     elif isinstance(obj, (tuple, list)):
         for item in obj:
-            _freeze(item)
+            freeze(item)
     return obj
 
 
@@ -113,10 +115,10 @@ def prepared(name):
     caches, expected, numeric = [], [], []
     for case in cases:
         _, cache = ex.forward(*case.args)
-        caches.append(_freeze(cache))
-        expected.append(_freeze(ex.backward(case.dout, copy.deepcopy(cache))))
-        numeric.append(_freeze(_numeric(ex.forward, case)))
-        _freeze(case.args)
+        caches.append(freeze(cache))
+        expected.append(freeze(ex.backward(case.dout, copy.deepcopy(cache))))
+        numeric.append(freeze(_numeric(ex.forward, case)))
+        freeze(case.args)
     mistakes = [(text, [wrong(c.dout, copy.deepcopy(cache)) for c, cache in zip(cases, caches)])
                 for text, wrong in MISTAKES[name]]
     return cases, caches, expected, numeric, mistakes

@@ -41,7 +41,7 @@ class Exercise:
         return f"{name}_backward({first}, cache) -> ({', '.join(self.grads)}{comma})"
 
 
-def _bt(B, T):
+def size_traits(B, T):
     """The traits of the batch and sequence sizes, and their quantities."""
     traits = (SIZE_TRAITS[0 if B == 1 else 1], SIZE_TRAITS[2 if T == 1 else 3])
     return traits, {"B": B, "T": T, "B*T": B * T}
@@ -54,7 +54,7 @@ def _bt(B, T):
 def linear_cases(rng):
     cases = []
     for B, T, Cin, Cout in ((2, 3, 5, 3), (1, 1, 4, 6), (3, 2, 4, 2), (1, 4, 3, 5)):
-        traits, q = _bt(B, T)
+        traits, q = size_traits(B, T)
         x, w, b = rng.standard_normal((B, T, Cin)), rng.standard_normal((Cin, Cout)), rng.standard_normal(Cout)
         cases.append(Case(f"B = {B}, T = {T}, {Cin} -> {Cout}", traits, (x, w, b), (0, 1, 2),
                           rng.standard_normal((B, T, Cout)), dict(q, Cin=Cin, Cout=Cout)))
@@ -64,7 +64,7 @@ def linear_cases(rng):
 def layernorm_cases(rng):
     cases = []
     for B, T, C in ((2, 3, 7), (1, 1, 5), (3, 2, 4), (1, 4, 3)):
-        traits, q = _bt(B, T)
+        traits, q = size_traits(B, T)
         x = rng.standard_normal((B, T, C)) * 3.0 + 1.0  # rows with a mean far from 0
         w, b = 1.0 + rng.standard_normal(C) * 0.5, rng.standard_normal(C)
         cases.append(Case(f"B = {B}, T = {T}, C = {C}", traits, (x, w, b), (0, 1, 2),
@@ -75,7 +75,7 @@ def layernorm_cases(rng):
 def gelu_cases(rng):
     cases = []
     for B, T, C in ((2, 3, 5), (1, 1, 3), (3, 2, 7), (1, 4, 2)):
-        traits, q = _bt(B, T)
+        traits, q = size_traits(B, T)
         x = rng.standard_normal((B, T, C)) * 2.0  # both tails of the tanh
         cases.append(Case(f"B = {B}, T = {T}, C = {C}", traits, (x,), (0,),
                           rng.standard_normal((B, T, C)), dict(q, C=C)))
@@ -89,7 +89,7 @@ def attention_cases(rng):
     for B, T, nh, hs, p, drops in ((2, 4, 2, 3, None, False), (1, 1, 2, 2, None, False),
                                    (1, 5, 1, 4, None, False), (2, 3, 2, 2, 0.2, False),
                                    (2, 4, 2, 3, 0.3, True)):
-        traits, q = _bt(B, T)
+        traits, q = size_traits(B, T)
         C = nh * hs
         qkv = rng.standard_normal((B, T, 3 * C))
         args, label = (qkv, nh), f"B = {B}, T = {T}, nh = {nh}, hs = {hs}"
@@ -120,7 +120,7 @@ def cross_entropy_cases(rng):
                                       ([[4, 1], [3, 0]], 5, 1.0, 4)):
         targets = np.array(targets)
         B, T = targets.shape
-        traits, q = _bt(B, T)
+        traits, q = size_traits(B, T)
         ignored = targets == ignore
         n = int((~ignored).sum())
         traits += ("for dloss = 1" if dloss == 1.0 else "for dloss != 1",
@@ -145,7 +145,7 @@ def embedding_cases(rng):
                 [[0, 5, 5, 8, 1, 5]]):
         idx = np.array(idx)
         B, T = idx.shape
-        traits, q = _bt(B, T)
+        traits, q = size_traits(B, T)
         counts = np.bincount(idx.ravel(), minlength=V)
         repeats = " and ".join(str(i) for i in np.flatnonzero(counts > 1))
         groups = [Group("once", "for token ids that occur once", counts == 1),
