@@ -22,8 +22,10 @@ compared with
     2. reference.py's backward, relative error at most 1e-8.
 grade prints one line per gradient and returns True only when all are right:
 
-    dx      ok  (max rel error 3e-11 over 4 cases)
-    dw      WRONG: dw is 1/6 of the right one (1/(B*T) in these cases): did you average ...
+    dx      ok  (max rel error 1e-11 over 4 cases)
+    dw      WRONG: dw is 1/(B*T) times the right one (1/6, 1/6, 1/4 in the failing cases):
+            did you average over the B*T positions? a gradient summed over ...
+    db      ok  (max rel error 2e-11 over 4 cases)
 
 A WRONG line says, where it can tell: the wrong shape or dtype, or not an array; NaN or
 inf; a constant factor (-1: the wrong sign; 1/2, 2, ...) or one that follows a size of
@@ -34,6 +36,12 @@ that are wrong ("right for T = 1, wrong for T > 1", "right without the attention
 mask, wrong with it"). A function that returns None or NotImplemented, or raises
 NotImplementedError, is reported as "<name>: not written yet"; an exception in your code
 as its type, message and line; the wrong number of gradients with the order expected.
+When your gradient equals one of the wrong backward passes learners often write
+(mistakes.py: a missing term of the LayerNorm or softmax derivative, a forgotten mask,
+repeated token ids overwritten, ...), the line names that mistake.
+
+The package: cases.py holds the inputs of every exercise, diagnosis.py the checks behind
+a WRONG line, mistakes.py the known mistakes; adamw.py and gpt.py the last two exercises.
 
 The exercises (name: the function grade expects; the cache is reference.py's):
 
@@ -46,7 +54,8 @@ The exercises (name: the function grade expects; the cache is reference.py's):
     "cross_entropy"  cross_entropy_backward(dloss, cache) -> (dlogits,)
                      cache (logp, t, rows, logits.shape): rows = the positions whose target
                      is not ignore_index; dloss a float (not always 1)
-    "embedding"      embedding_backward(dout, cache) -> (dwte, dwpe)    cache (idx, wte.shape, wpe.shape)
+    "embedding"      embedding_backward(dout, cache) -> (dwte, dwpe)
+                     cache (idx, wte.shape, wpe.shape)
     "adamw"          adamw_step(p, g, m, v, t, lr, beta1, beta2, eps, weight_decay) -> (p, m, v)
                      see npgpt/exercises/adamw.py
     "gpt"            gpt_backward(cache) -> {name: gradient}
@@ -99,9 +108,12 @@ def freeze(obj):
 
 
 def _numeric(forward, case):
-    """Central differences of sum(forward(...) * dout) for every input of case.wrt."""
+    """Central differences of L = sum(out * dout) (so dL/dinput is what backward(dout)
+    returns) for every input of case.wrt, perturbing copies of the inputs."""
     args = [a.copy() if isinstance(a, np.ndarray) else a for a in case.args]
-    loss = lambda: np.sum(forward(*args)[0] * case.dout)  # noqa: E731 (a closure on args)
+
+    def loss():
+        return np.sum(forward(*args)[0] * case.dout)
     return [numerical_grad(loss, args[i]) for i in case.wrt]
 
 
@@ -129,7 +141,8 @@ def _grade_op(name, backward):
     cases, caches, expected, numeric, mistakes = prepared(name)
     signature = f"reference.{name}_backward does"
     outs, line = diagnosis.call_learner(
-        backward, [(c.label, (c.dout, cache)) for c, cache in zip(cases, caches)], name)
+        backward, [(c.label, (c.dout, cache)) for c, cache in zip(cases, caches)], name,
+        f"the tuple ({', '.join(ex.grads)}{',' * (len(ex.grads) == 1)})")
     if line is None:
         line = next(filter(None, (diagnosis.check_tuple(out, ex.grads, signature, c.label)
                                   for out, c in zip(outs, cases))), None)
@@ -140,12 +153,12 @@ def _grade_op(name, backward):
     for gi, gname in enumerate(ex.grads):
         gots = [out[gi] for out in outs]
         exps = [e[gi] for e in expected]
-        form = next(((f, c) for f, c in ((diagnosis.check_form(g, e, ex.inputs[gi]), c)
-                                         for g, e, c in zip(gots, exps, cases)) if f), None)
-        if form:
-            text = f"{gname} {form[0]}" + (f" (in the case {form[1].label})"
-                                           if "shape" in form[0] else "")
-            print(diagnosis.verdict(gname, False, text))
+        forms = [(diagnosis.check_form(g, e, ex.inputs[gi]), c)
+                 for g, e, c in zip(gots, exps, cases)]
+        form, case = next(((f, c) for f, c in forms if f), (None, None))
+        if form:  # not an array, the wrong shape or dtype, NaN: say so, in which case
+            where = f" (in the case {case.label})" if "shape" in form else ""
+            print(diagnosis.verdict(gname, False, f"{gname} {form}{where}"))
             all_ok = False
             continue
         errors = [(rel_error(g, e), rel_error(g, n[gi]))

@@ -106,7 +106,8 @@ def trajectory():
         before = {n: (p.copy(), opt.m[n].copy(), opt.v[n].copy()) for n, p in params.items()}
         opt.step(grads, lr=lr)
         for n, p in params.items():
-            rows.append((n, t, lr, grads[n], before[n], (p.copy(), opt.m[n].copy(), opt.v[n].copy())))
+            after = (p.copy(), opt.m[n].copy(), opt.v[n].copy())
+            rows.append((n, t, lr, grads[n], before[n], after))
     for row in rows:
         for a in (row[3], *row[4], *row[5]):
             a.flags.writeable = False
@@ -133,7 +134,7 @@ def _matches(outs, rows, kwargs, tensor):
 def grade_adamw(fn):
     rows = trajectory()
     outs, line = diagnosis.call_learner(
-        fn, [(f"the {r[0]}, step {r[1]}", _args(r)) for r in rows], "adamw")
+        fn, [(f"the {r[0]}, step {r[1]}", _args(r)) for r in rows], "adamw", "(p, m, v)")
     if line is None:
         line = next(filter(None, (diagnosis.check_tuple(out, OUTPUTS, SIGNATURE, f"step {r[1]}")
                                   for out, r in zip(outs, rows))), None)

@@ -35,11 +35,6 @@ class Exercise:
     build: object      # rng -> [Case]
     hints: dict        # factor expression (diagnosis.factor_text) -> likely cause
 
-    def signature(self, name):
-        first = "dloss" if name == "cross_entropy" else "dout"
-        comma = "," if len(self.grads) == 1 else ""
-        return f"{name}_backward({first}, cache) -> ({', '.join(self.grads)}{comma})"
-
 
 def size_traits(B, T):
     """The traits of the batch and sequence sizes, and their quantities."""
@@ -55,7 +50,8 @@ def linear_cases(rng):
     cases = []
     for B, T, Cin, Cout in ((2, 3, 5, 3), (1, 1, 4, 6), (3, 2, 4, 2), (1, 4, 3, 5)):
         traits, q = size_traits(B, T)
-        x, w, b = rng.standard_normal((B, T, Cin)), rng.standard_normal((Cin, Cout)), rng.standard_normal(Cout)
+        x, w = rng.standard_normal((B, T, Cin)), rng.standard_normal((Cin, Cout))
+        b = rng.standard_normal(Cout)
         cases.append(Case(f"B = {B}, T = {T}, {Cin} -> {Cout}", traits, (x, w, b), (0, 1, 2),
                           rng.standard_normal((B, T, Cout)), dict(q, Cin=Cin, Cout=Cout)))
     return cases
@@ -108,7 +104,8 @@ def attention_cases(rng):
         parts = [Group(k, f"for the {k} part dqkv[..., {a}]", np.s_[..., i * C:(i + 1) * C])
                  for i, (k, a) in enumerate((("q", ":C"), ("k", "C:2C"), ("v", "2C:")))]
         cases.append(Case(label, traits, args, (0,), rng.standard_normal((B, T, C)),
-                          dict(q, nh=nh, hs=hs, C=C, **{"1-p": 1.0 - (p or 0.0)}), {0: parts}))
+                          dict(q, nh=nh, hs=hs, C=C, **{"1-p": 1.0 - (p or 0.0)}),
+                          {0: parts}))
     return cases
 
 
@@ -149,8 +146,8 @@ def embedding_cases(rng):
         counts = np.bincount(idx.ravel(), minlength=V)
         repeats = " and ".join(str(i) for i in np.flatnonzero(counts > 1))
         groups = [Group("once", "for token ids that occur once", counts == 1),
-                  Group("repeat", f"for token ids that repeat in the batch ({repeats})", counts > 1,
-                        "a repeated token's gradient must be added (np.add.at), not "
+                  Group("repeat", f"for token ids that repeat in the batch ({repeats})",
+                        counts > 1, "a repeated token's gradient must be added (np.add.at), not "
                         "overwritten (dwte[idx] += dout keeps only one of them)"),
                   Group("absent", "for token ids not in the batch", counts == 0)]
         rows = np.arange(block_size) < T
@@ -166,18 +163,12 @@ def embedding_cases(rng):
 # ----------------------------------------------------------------------------
 # likely causes of a wrong factor, by exercise (diagnosis.factor_text's expressions)
 
-_SUM = "it is a sum over every position (b, t), not a mean"
 EXERCISES = {
     "linear": Exercise(reference.linear_forward, reference.linear_backward, ("dx", "dw", "db"),
-                       ("x", "w", "b"), linear_cases,
-                       {"1/B": f"did you divide by the batch size? {_SUM}",
-                        "1/T": f"did you divide by T? {_SUM}",
-                        "1/(B*T)": f"did you average over the positions? {_SUM}"}),
+                       ("x", "w", "b"), linear_cases, {}),
     "layernorm": Exercise(reference.layernorm_forward, reference.layernorm_backward,
                           ("dx", "dw", "db"), ("x", "w", "b"), layernorm_cases,
-                          {"1/(B*T)": f"did you average over the positions? {_SUM}",
-                           "1/B": f"did you divide by the batch size? {_SUM}",
-                           "C": "a sum over C where the formula has a mean (1/C)?",
+                          {"C": "a sum over C where the formula has a mean (1/C)?",
                            "1/C": "a mean over C where the formula has a sum?"}),
     "gelu": Exercise(reference.gelu_forward, reference.gelu_backward, ("dx",), ("x",),
                      gelu_cases, {}),
@@ -185,11 +176,10 @@ EXERCISES = {
                           ("dqkv",), ("qkv",), attention_cases,
                           {"sqrt(hs)": "did you forget the 1/sqrt(hs) scale of the scores?",
                            "1/sqrt(hs)": "did you divide by sqrt(hs) twice?",
-                           "hs": "did you forget the 1/sqrt(hs) scale of the scores?",
+                           "hs": "did you multiply by sqrt(hs) where the scores divide?",
                            "1/(1-p)": "the mask multiplies once: datt = da * att_mask",
                            "1-p": "the mask's kept entries are 1/(1-p), not 1: multiply "
-                                  "by att_mask itself",
-                           "1/T": "did you divide by T? the softmax rows sum, they do not average"}),
+                                  "by att_mask itself"}),
     "cross_entropy": Exercise(reference.cross_entropy_forward, reference.cross_entropy_backward,
                               ("dlogits",), ("logits",), cross_entropy_cases,
                               {"n/N": "did you divide by all N = B*T positions? the loss is "

@@ -21,12 +21,17 @@ from ..gradcheck import rel_error
 
 TOL = 1e-8          # relative error allowed against the exact (reference) gradient
 CLEAN = 1e-6        # relative residual under which got = s * expected counts as exact
-POWERS = ((1, ""), (-1, ""), (0.5, "sqrt"), (-0.5, "sqrt"))
+POWERS = (1, -1, 0.5, -0.5)  # of a case size, to name a factor (sqrt: 1/sqrt(hs))
 
-GENERIC_HINTS = {
+_SUM = "a gradient summed over the positions (b, t) is a sum, not a mean"
+GENERIC_HINTS = {  # an exercise's own hints (cases.py) come first
     "-1": "the wrong sign: check the order of a subtraction or a minus lost in a derivative",
     "2": "a factor 2 too many (a term counted twice?)",
     "1/2": "half of it: a factor 2 missing (d(x^2)/dx = 2x), or a 0.5 applied twice",
+    "1/B": f"did you divide by the batch size B? {_SUM}",
+    "1/T": f"did you divide by T? {_SUM}",
+    "1/(B*T)": f"did you average over the B*T positions? {_SUM}",
+    "B": "B times too big: a sum over the batch taken twice?",
 }
 
 
@@ -53,7 +58,8 @@ def check_form(got, expected, input_name):
         return (f"has the wrong shape: expected {expected.shape} ({input_name}'s shape), "
                 f"got {got.shape}{hint}")
     if got.dtype != np.float64:
-        right = "" if rel_error(got, expected) > TOL else " (its values are right)"
+        right = (" (its values are right)" if got.dtype.kind in "fiu"
+                 and rel_error(got, expected) <= TOL else "")
         return f"has dtype {got.dtype}, expected float64 (the inputs' dtype){right}"
     if not np.all(np.isfinite(got)):
         return "holds NaN or inf: a division by zero or an overflow (exp of a large number?)"
@@ -107,9 +113,9 @@ def _named_factors(scales, quantities):
     found = []
     for name in quantities[0]:
         values = [q.get(name) for q in quantities]
-        if None in values or all(v == 1 for v in values):
+        if None in values or any(v <= 0 for v in values) or all(v == 1 for v in values):
             continue
-        for power, _ in POWERS:
+        for power in POWERS:
             for sign in (1, -1):
                 if all(_close(s, sign * v ** power) for s, v in zip(scales, values)):
                     found.append(_expr(name, power, sign))
@@ -133,13 +139,16 @@ def factor_text(parts, hints):
     if any(r > CLEAN for (_, r), _ in fits):
         return WRONG_VALUES, False
     scales = [s for (s, _), _ in fits]
-    named = [e for e in _named_factors(scales, [q for _, q in fits]) if e in hints]
-    hint = hints[named[0]] if named else None
+    hints = {**GENERIC_HINTS, **hints}
+    named = _named_factors(scales, [q for _, q in fits])
+    hinted = [e for e in named if e in hints]  # the names with a likely cause first
+    named = hinted + [e for e in named if e not in hints]
+    hint = hints[hinted[0]] if hinted else None
     if all(_close(s, scales[0]) for s in scales):
         text = format_factor(scales[0])
-        if named and named[0] != text:
-            text += f" ({named[0]} in {'this case' if len(scales) == 1 else 'these cases'})"
-        hint = hint or hints.get(text) or GENERIC_HINTS.get(text)
+        if hinted and hinted[0] != text:  # a constant: named only to give the cause
+            text += f" ({hinted[0]} in {'this case' if len(scales) == 1 else 'these cases'})"
+        hint = hint or hints.get(text)
         if text == "-1":
             text = "the right one with the wrong sign (-1 times it)"
         elif abs(scales[0]) < 1 and "/" in text:
@@ -161,6 +170,14 @@ def factor_text(parts, hints):
 SIZE_TRAITS = ("for B = 1", "for B > 1", "for T = 1", "for T > 1")
 
 
+class Group:
+    """A named part of one gradient (mask: a boolean index into it, None for all of it),
+    told apart by diagnose: e.g. the rows of dwte of token ids that repeat."""
+
+    def __init__(self, key, label, mask, hint=None):
+        self.key, self.label, self.mask, self.hint = key, label, mask, hint
+
+
 def _group_ok(got, exp, scale):
     if not np.any(exp):
         return float(np.max(np.abs(got), initial=0.0)) <= 1e-12 * scale
@@ -174,8 +191,10 @@ def traits_text(cases, oks, sizes=True):
     wrong = [c.traits for c, ok in zip(cases, oks) if not ok]
     if not right:
         return None
-    only_right = [t for t in right[0] if all(t in r for r in right) and all(t not in w for w in wrong)]
-    only_wrong = [t for t in wrong[0] if all(t in w for w in wrong) and all(t not in r for r in right)]
+    only_right = [t for t in right[0]
+                  if all(t in r for r in right) and all(t not in w for w in wrong)]
+    only_wrong = [t for t in wrong[0]
+                  if all(t in w for w in wrong) and all(t not in r for r in right)]
     if not sizes and all(t in SIZE_TRAITS for t in only_right + only_wrong):
         return None
     if only_wrong and only_right:
@@ -261,14 +280,6 @@ def diagnose(gname, cases, gots, exps, oks, gi, hints, mistakes=()):
     return "; ".join(findings)
 
 
-class Group:
-    """A named part of one gradient (mask: a boolean index into it, None for all of it),
-    told apart by diagnose: e.g. the rows of dwte of token ids that repeat."""
-
-    def __init__(self, key, label, mask, hint=None):
-        self.key, self.label, self.mask, self.hint = key, label, mask, hint
-
-
 # ----------------------------------------------------------------------------
 # the learner's function as a whole
 
@@ -288,21 +299,37 @@ def learner_error(exc, fn):
 NOT_WRITTEN = "not written yet"
 
 
-def call_learner(fn, calls, name):
+def _changed(before, after):
+    """Whether any array in the nested tuples `after` differs from its twin in `before`."""
+    if isinstance(before, np.ndarray):
+        return not np.array_equal(before, after, equal_nan=True)
+    if isinstance(before, (tuple, list)):
+        return any(_changed(b, a) for b, a in zip(before, after))
+    if isinstance(before, dict):
+        return any(_changed(before[k], after[k]) for k in before)
+    return False
+
+
+def call_learner(fn, calls, name, returns):
     """fn(*args) for every (label, args) of calls, on copies of args (changing them in
     place harms nothing). Returns (results, None), or (None, the one line to print) when
     fn is not written yet (returns None or NotImplemented, or raises NotImplementedError)
-    or raises."""
+    or raises. returns: what fn must return, for the message when it returns None
+    after changing its arguments in place (written, but without its return)."""
     results = []
     for i, (label, args) in enumerate(calls):
+        mine = copy.deepcopy(args)
         try:
             with np.errstate(all="ignore"):  # NaN and inf are reported from the result
-                out = fn(*copy.deepcopy(args))
+                out = fn(*mine)
         except NotImplementedError:
             return None, f"{name}: {NOT_WRITTEN}"
         except Exception as exc:  # the learner's code: any error is theirs to see
             where = f" (in the case {label})" if len(calls) > 1 else ""
             return None, f"{name}: your code raised {learner_error(exc, fn)}{where}"
+        if i == 0 and out is None and _changed(args, mine):
+            return None, (f"{name}: your function changed its arguments in place and "
+                          f"returned None: return {returns}")
         if i == 0 and (out is None or out is NotImplemented):
             return None, f"{name}: {NOT_WRITTEN}"
         results.append(out)

@@ -39,6 +39,9 @@ BATCHES = (  # (idx, targets): -1 targets are ignored
     (np.arange(24).reshape(3, 8) % 11, (np.arange(24).reshape(3, 8) * 7 + 1) % 11),
 )
 WTE, WPE = reference_gpt.WTE, reference_gpt.WPE
+HINTS = {"1/n": "did you divide by n twice? cross_entropy_backward's dlogits already "
+                "holds the mean's 1/n",
+         "n": "the loss is a mean over the n targets not ignored: dlogits carries 1/n"}
 
 
 def _perturbed_model():
@@ -111,7 +114,7 @@ def grade_gpt(fn):
     cases, caches, expected, mistakes = prepared()
     order = reference_gpt.backward_order(CONFIG.n_layer)
     outs, line = diagnosis.call_learner(fn, [(c.label, (cache,)) for c, cache in
-                                             zip(cases, caches)], "gpt")
+                                             zip(cases, caches)], "gpt", "{name: gradient}")
     if line is None:
         bad = next((out for out in outs if not isinstance(out, dict)), None)
         missing = [n for n in order if any(n not in out for out in outs)] if bad is None else []
@@ -130,7 +133,8 @@ def grade_gpt(fn):
     wrong = []
     for name in order:
         gots, exps = [out[name] for out in outs], [e[name] for e in expected]
-        form = next(filter(None, (diagnosis.check_form(g, e, name) for g, e in zip(gots, exps))), None)
+        form = next(filter(None, (diagnosis.check_form(g, e, name)
+                                  for g, e in zip(gots, exps))), None)
         oks = [not form and rel_error(g, e) <= diagnosis.TOL for g, e in zip(gots, exps)]
         if not all(oks):
             wrong.append((name, form, gots, exps, oks))
@@ -144,12 +148,12 @@ def grade_gpt(fn):
     if i:
         print(f"{i} gradients right in backward order, {order[0]} ... {order[i - 1]}")
     if form:
-        text = f"{name} {form}"
+        text = f"it {form}"
     else:
-        text = diagnosis.diagnose("it", cases, gots, exps, oks, 0, {},
+        text = diagnosis.diagnose("it", cases, gots, exps, oks, 0, HINTS,
                                   mistakes if name == WTE else ())
-    if not text.startswith("wte has only"):  # a known mistake of wte says where already
-        text += "; " + _where(name, order[i - 1] if i else None)
+        if not text.startswith("wte has only"):  # a known mistake of wte says where
+            text += "; " + _where(name, order[i - 1] if i else None)
     print(f"{name}  WRONG: {text}")
     if len(wrong) > 1:
         print(f"and {len(wrong) - 1} more wrong after it in backward order (a wrong gradient "
