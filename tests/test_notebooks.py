@@ -5,6 +5,11 @@ from a real run, are never rewritten here) in a fresh Jupyter kernel whose PYTHO
 starts with the repository root, so `import npgpt` finds this checkout. The per-cell
 timeout is a hang guard, not a speed assertion.
 
+The exercise workbook is executed twice, once per notebook: the learner's blank
+notebooks/06_exercises.ipynb (every grader must say "not written yet") and its solutions,
+notebooks/solutions/06_exercises.ipynb (every grader must pass); check_graders in
+tests/test_exercise_notebook.py reads the graders' outputs from the executed notebook.
+
 Refresh the stored outputs after editing a notebook (same runner, writes in place):
 
     NPGPT_DATA_DIR=/path/to/data python tests/test_notebooks.py [notebooks/NAME.ipynb ...]
@@ -21,8 +26,16 @@ import pytest
 from conftest import ROOT, shared_data_dir
 
 NOTEBOOK_DIR = ROOT / "notebooks"
-NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb")) + sorted(NOTEBOOK_DIR.glob("solutions/*.ipynb"))
+# the exercise workbooks (notebooks/make_exercises.py): whether each is the blank one
+WORKBOOKS = {NOTEBOOK_DIR / "06_exercises.ipynb": True,
+             NOTEBOOK_DIR / "solutions" / "06_exercises.ipynb": False}
 CELL_TIMEOUT_S = 600  # a hang guard: each notebook takes well under a minute
+
+
+def notebook_id(path):
+    """A test id: the path under notebooks/ without .ipynb (solutions/06_exercises)."""
+    return path.relative_to(NOTEBOOK_DIR).with_suffix("").as_posix()
 
 
 def needs_shakespeare(path):
@@ -54,11 +67,11 @@ def execute(path, cwd, env):
 def test_there_are_notebooks():
     names = [p.name for p in NOTEBOOKS]
     for expected in ("01_attention.ipynb", "02_backprop_by_hand.ipynb",
-                     "03_train_and_sample.ipynb"):
+                     "03_train_and_sample.ipynb", "06_exercises.ipynb"):
         assert expected in names
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=notebook_id)
 def test_stored_notebook_has_outputs_of_a_run_top_to_bottom(path):
     """The committed notebook was executed in order (so it reads well on GitHub)."""
     nb = json.loads(path.read_text(encoding="utf-8"))
@@ -71,7 +84,7 @@ def test_stored_notebook_has_outputs_of_a_run_top_to_bottom(path):
     assert not errors, f"{path.name}: the stored outputs contain an error"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=notebook_id)
 def test_notebook_runs_top_to_bottom(path, tmp_path):
     for module in ("nbformat", "nbclient", "ipykernel"):
         pytest.importorskip(module, reason=f"the notebook runner needs {module} "
@@ -90,7 +103,11 @@ def test_notebook_runs_top_to_bottom(path, tmp_path):
                             "(set NPGPT_DATA_DIR)")
     copy = tmp_path / path.name
     shutil.copy(path, copy)
-    execute(copy, tmp_path, kernel_env(data_dir))  # raises CellExecutionError on a failing cell
+    nb = execute(copy, tmp_path, kernel_env(data_dir))  # CellExecutionError on a failing cell
+    if path in WORKBOOKS:
+        from test_exercise_notebook import check_graders
+
+        check_graders(nb, blank=WORKBOOKS[path])
 
 
 def main(paths):
