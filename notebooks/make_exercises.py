@@ -16,9 +16,10 @@ replaced by nbgrader's stub, at the indentation of the BEGIN line:
         raise NotImplementedError()
 
 A cell tagged "solution" (cell metadata "tags") is left out of the learner's notebook
-whole: the solutions notebook uses it for the answer key after each grader. Outputs are
-cleared; the learner's notebook is then executed in place by the test suite's runner, so
-it is stored with the outputs of its blank run (every grader says "not written yet").
+whole: the solutions notebook tags so its note to maintainers and the answer key after
+each grader. Outputs are cleared; the learner's notebook is then executed in place by the
+test suite's runner, so it is stored with the outputs of its blank run (every grader says
+"not written yet").
 
     python notebooks/make_exercises.py
 
