@@ -39,6 +39,10 @@ GRAD_SCALES = (1.0, 0.1, 3.0, 0.5, 1.0)    # the gradients' size changes from st
 TOL = 1e-10
 OUTPUTS = ("p", "m", "v")
 SIGNATURE = "adamw_step(p, g, m, v, t, lr, beta1, beta2, eps, weight_decay) -> (p, m, v)"
+FORMULAS = {"m": "m = beta1 * m + (1 - beta1) * g",
+            "v": "v = beta2 * v + (1 - beta2) * g**2",
+            "p": "p = p * (1 - lr * weight_decay [matrices only]) "
+                 "- lr * mhat / (sqrt(vhat) + eps)"}
 
 
 def step(p, g, m, v, t, lr, beta1, beta2, eps, weight_decay, decay="matrix", coupled=False,
@@ -131,12 +135,26 @@ def _matches(outs, rows, kwargs, tensor):
     return True
 
 
+def _explain(outs, rows, tensors):
+    """The known mistake each wrong tensor's steps equal, as one sentence, or None."""
+    found = {}
+    for tensor in tensors:
+        text = next((t for kwargs, t in MISTAKES if _matches(outs, rows, kwargs, tensor)), None)
+        if text is None:
+            return None
+        found.setdefault(text, []).append(tensor)
+    if len(found) == 1:
+        return next(iter(found))
+    return "; ".join(f"the {' and '.join(ts)}: {text}" for text, ts in found.items())
+
+
 def grade_adamw(fn):
     rows = trajectory()
     outs, line = diagnosis.call_learner(
         fn, [(f"the {r[0]}, step {r[1]}", _args(r)) for r in rows], "adamw", "(p, m, v)")
     if line is None:
-        line = next(filter(None, (diagnosis.check_tuple(out, OUTPUTS, SIGNATURE, f"step {r[1]}")
+        line = next(filter(None, (diagnosis.check_tuple(out, OUTPUTS, SIGNATURE,
+                                                        f"the {r[0]}, step {r[1]}")
                                   for out, r in zip(outs, rows))), None)
         line = line and f"adamw: your step {line.replace('gradient', 'value')}"
     if line is not None:
@@ -168,25 +186,7 @@ def grade_adamw(fn):
             text = f"{name} {forms[name]}"
         else:
             tensors = " and the ".join(sorted({r[0] for _, r in bad}))
-            text = (f"{name} is wrong for the {tensors} from step {bad[0][1][1]} on "
+            text = (f"{name} is wrong for the {tensors}, first at step {bad[0][1][1]} "
                     f"(relative error up to {max(e for e, _ in bad):.1e}): {FORMULAS[name]}")
         print(diagnosis.verdict(name, False, text, 3))
     return not wrong_tensors
-
-
-FORMULAS = {"m": "m = beta1 * m + (1 - beta1) * g",
-            "v": "v = beta2 * v + (1 - beta2) * g**2",
-            "p": "p = p * (1 - lr * weight_decay [matrices only]) - lr * mhat / (sqrt(vhat) + eps)"}
-
-
-def _explain(outs, rows, tensors):
-    """The known mistake each wrong tensor's steps equal, as one sentence, or None."""
-    found = {}
-    for tensor in tensors:
-        text = next((t for kwargs, t in MISTAKES if _matches(outs, rows, kwargs, tensor)), None)
-        if text is None:
-            return None
-        found.setdefault(text, []).append(tensor)
-    if len(found) == 1:
-        return next(iter(found))
-    return "; ".join(f"the {' and '.join(ts)}: {text}" for text, ts in found.items())

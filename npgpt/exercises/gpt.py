@@ -127,9 +127,9 @@ def grade_gpt(fn):
     if line is not None:
         print(line)
         return False
-    extra = sorted({k for out in outs for k in out} - set(order))
+    extra = sorted(str(k) for k in {k for out in outs for k in out} - set(order))
     if extra:
-        print(f"note: keys that are not parameter names (ignored): {', '.join(map(str, extra))}")
+        print(f"note: keys that are not parameter names (ignored): {', '.join(extra)}")
     wrong = []
     for name in order:
         gots, exps = [out[name] for out in outs], [e[name] for e in expected]
