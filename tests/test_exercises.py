@@ -108,12 +108,15 @@ def test_an_unknown_exercise_lists_the_valid_ones():
 # wrong answers learners write, and what the diagnosis must say
 
 
-def _lin(dx=1.0, dw=1.0, first_row=False, transpose=False, dtype=np.float64):
+def _lin(dx=1.0, dw=1.0, first_row=False, first_position=False, transpose=False,
+         dtype=np.float64):
     def backward(dout, cache):
         x, w = cache
         gx, gw, gb = R.linear_backward(dout, cache)
         if first_row:
             gw = x[0].T @ dout[0]
+        if first_position:
+            gw = x[:, 0].T @ dout[:, 0]
         N = dout.size // dout.shape[-1]
         gw = gw.T if transpose else gw * (1.0 / N if dw == "mean" else dw)
         return tuple(a.astype(dtype) for a in (gx * dx, gw, gb))
@@ -157,6 +160,16 @@ def _att(scale=True, mask=lambda m: m, softmax_term=True, dv_from_att=False):
         dq, dk = ds @ k * s, ds.transpose(0, 1, 3, 2) @ q * s
         return (np.concatenate([_merge(dq), _merge(dk), _merge(dv)], axis=-1),)
     return backward
+
+
+def _att_not_causal(dy, cache):
+    """Recomputes the attention weights from q and k, forgetting the causal mask."""
+    q, k, v, _, _, att_mask = cache
+    s = q @ k.transpose(0, 1, 3, 2) / math.sqrt(q.shape[-1])
+    att = np.exp(s - s.max(axis=-1, keepdims=True))
+    att /= att.sum(axis=-1, keepdims=True)
+    a = att if att_mask is None else att * att_mask
+    return R.attention_backward(dy, (q, k, v, att, a, att_mask))
 
 
 def _ce(zero_ignored=True, count="n", use_dloss=True, sign=1.0, rows_from_t=False,
@@ -262,6 +275,8 @@ MUTANTS = {  # id: (exercise, wrong function, phrases the diagnosis must contain
     "linear: dw transposed": ("linear", _lin(transpose=True), ["shape", "(5, 3)", "transposed"]),
     "linear: dw of the first batch row": ("linear", _lin(first_row=True),
                                           ["right for B = 1, wrong for B > 1"]),
+    "linear: dw of the first position": ("linear", _lin(first_position=True),
+                                         ["right for T = 1, wrong for T > 1"]),
     "linear: float32": ("linear", _lin(dtype=np.float32), ["dtype float32"]),
     "layernorm: no mean term": (
         "layernorm", _ln(lambda d, xh, s, w: (d * w - xh * _mean(d * w * xh)) / s),
@@ -288,6 +303,8 @@ MUTANTS = {  # id: (exercise, wrong function, phrases the diagnosis must contain
                                    ["-sum_j datt_ij att_ij"]),
     "attention: dv before the mask": ("attention", _att(dv_from_att=True),
                                       ["before the dropout mask"]),
+    "attention: not causal": ("attention", _att_not_causal,
+                              ["recomputed without the causal mask"]),
     "cross_entropy: ignore_index forgotten": ("cross_entropy", _ce(zero_ignored=False, count="N"),
                                               ["ignore_index forgotten"]),
     "cross_entropy: ignored rows kept": ("cross_entropy", _ce(zero_ignored=False),

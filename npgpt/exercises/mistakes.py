@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from .. import reference as ref
-from ..reference import GELU_A, GELU_K, _heads, _merge
+from ..reference import GELU_A, GELU_K, _heads, _merge, _softmax
 
 
 # ----------------------------------------------------------------------------
@@ -88,6 +88,15 @@ def _attention(softmax_term=True, mask_of=lambda m: m, dv_weights="a", dk_transp
     return backward
 
 
+def _attention_not_causal(dy, cache):
+    """reference.attention_backward with the weights recomputed from q and k without the
+    causal mask (every key visible to every query)."""
+    q, k, v, _, _, mask = cache
+    att = _softmax(q @ k.transpose(0, 1, 3, 2) / math.sqrt(q.shape[-1]))  # (B,nh,T,T)
+    a = att if mask is None else att * mask
+    return ref.attention_backward(dy, (q, k, v, att, a, mask))
+
+
 ATTENTION = [
     ("the softmax backward misses the -sum_j datt_ij att_ij term: ds = att * (datt - "
      "sum_j datt * att), every weight of a row depends on every score of it",
@@ -100,6 +109,8 @@ ATTENTION = [
      _attention(dv_weights="att")),
     ("dk = ds q: it is ds^T q (key j collects from every query i of column j)",
      _attention(dk_transposed=False)),
+    ("the weights recomputed without the causal mask: a query sees only the keys at or "
+     "before it (use the cache's att, whose future entries are 0)", _attention_not_causal),
 ]
 
 
