@@ -382,3 +382,13 @@ def test_extra_keys_of_gpt_are_noted_not_failed(capsys):
         pytest.skip("npgpt/reference_gpt.py (helper C's) is not there yet")
     ok, out = graded(capsys, "gpt", _gpt(lambda g, c: g.update({"loss": 1.0, 3: None})))
     assert ok and out.startswith("note: keys that are not parameter names (ignored): 3, loss")
+
+
+def test_an_exception_in_a_helper_of_the_learner_names_the_helper_line(capsys):
+    def helper(x):
+        return x.reshape(-1, 7)  # no such width
+
+    def gelu_backward(dout, x):
+        return (helper(dout),)
+    ok, out = graded(capsys, "gelu", gelu_backward)
+    assert not ok and "cannot reshape" in out and "return x.reshape(-1, 7)" in out

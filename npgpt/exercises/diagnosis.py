@@ -12,10 +12,13 @@ and, for the learner's function as a whole, learner_error (an exception in it).
 """
 import copy
 import math
+import os
 import traceback
 from fractions import Fraction
 
 import numpy as np
+
+import npgpt
 
 from ..gradcheck import rel_error
 
@@ -284,12 +287,15 @@ def diagnose(gname, cases, gots, exps, oks, gi, hints, mistakes=()):
 # the learner's function as a whole
 
 
-def learner_error(exc, fn):
+_LIBRARIES = tuple(os.path.dirname(m.__file__) + os.sep for m in (np, npgpt))
+
+
+def learner_error(exc):
     """'ValueError: ... (line 7: dx = dout @ w)': the exception and the last line of the
-    learner's own file it went through, without the grader's traceback."""
+    learner's own code it went through (not NumPy's, not npgpt's), without a traceback."""
     text = f"{type(exc).__name__}: {exc}"
-    filename = getattr(getattr(fn, "__code__", None), "co_filename", None)
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == filename]
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)[1:]  # [0]: call_learner
+              if not f.filename.startswith(_LIBRARIES)]
     if frames:
         line = (frames[-1].line or "").strip()
         text += f" (line {frames[-1].lineno}" + (f": {line})" if line else ")")
@@ -326,7 +332,7 @@ def call_learner(fn, calls, name, returns):
             return None, f"{name}: {NOT_WRITTEN}"
         except Exception as exc:  # the learner's code: any error is theirs to see
             where = f" (in the case {label})" if len(calls) > 1 else ""
-            return None, f"{name}: your code raised {learner_error(exc, fn)}{where}"
+            return None, f"{name}: your code raised {learner_error(exc)}{where}"
         if i == 0 and out is None and _changed(args, mine):
             return None, (f"{name}: your function changed its arguments in place and "
                           f"returned None: return {returns}")
