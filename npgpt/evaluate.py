@@ -26,9 +26,11 @@ with the character's first byte.
 
 Scoring needs no backward, so `hidden_states` runs GPT.forward's ops and drops each
 cache as soon as the op returns (a layer keeps its cache for the backward: n_layer
-blocks' activations, several GB for GPT-2 124M at batch 8), and only the scored
-positions go through the final LayerNorm, the head and the cross-entropy, a few rows
-at a time: a full (8, 1024, 50257) float32 logits array would take 1.6 GB alone.
+blocks' activations, several GB for GPT-2 124M at batch 8); attention runs a block of
+queries at a time against the keys before them, skipping the masked half of the scores;
+and only the scored positions go through the final LayerNorm, the head and the
+cross-entropy, a few rows at a time: a full (8, 1024, 50257) float32 logits array would
+take 1.6 GB alone.
 """
 import math
 from collections import Counter
@@ -37,9 +39,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from . import ops
+from .backend import get_xp
 from .errors import NpgptError
 
 LOGIT_ELEMENTS = 1 << 22  # rows of logits per chunk: this many floats (16 MB in float32)
+QUERY_BLOCK = 128         # attention: queries per block (causal_attention)
+SCORE_ELEMENTS = 1 << 21  # attention: window rows per block so its scores hold this many
 
 
 @dataclass
@@ -104,8 +109,8 @@ def hidden_states(model, idx):
     """x (B,T,C) that enters ln_f: GPT.forward's ops in its order (Block.forward: x +
     attn(ln_1(x)), then + mlp(ln_2(x))), without dropout, each op's cache dropped as it
     returns. Memory: one block's activations at a time, not the n_layer blocks' that a
-    forward kept for its backward."""
-    p, nh, fused = model.params, model.config.n_head, model.ops  # fused: LN, attention, GELU
+    forward keeps for its backward."""
+    p, nh, fused = model.params, model.config.n_head, model.ops  # fused: LayerNorm, GELU
 
     def linear(x, name):
         return ops.linear_forward(x, p[name + ".weight"], p[name + ".bias"])[0]
@@ -117,11 +122,31 @@ def hidden_states(model, idx):
     for i in range(model.config.n_layer):
         h = f"transformer.h.{i}"
         qkv = linear(layernorm(x, h + ".ln_1"), h + ".attn.c_attn")  # (B,T,3C)
-        x += linear(fused.attention_forward(qkv, nh)[0], h + ".attn.c_proj")
+        x += linear(causal_attention(qkv, nh), h + ".attn.c_proj")
         del qkv  # (B,T,3C) freed before the MLP's (B,T,4C) arrays exist
         a = fused.gelu_forward(linear(layernorm(x, h + ".ln_2"), h + ".mlp.c_fc"))[0]  # (B,T,4C)
         x += linear(a, h + ".mlp.c_proj")
     return x
+
+
+def causal_attention(qkv, n_head):
+    """attention_forward's y (B,T,C) from qkv (B,T,3C), QUERY_BLOCK queries at a time
+    against the keys up to them (ops.attention_with_cache, as sampling's prefill): the
+    masked upper triangle of the (T,T) scores is never computed (half the products), and
+    a block's scores (rows,nh,QUERY_BLOCK,<=T) stay small (GPT-2: 6 MB, not 400 MB)."""
+    xp = get_xp(qkv)
+    B, T, C3 = qkv.shape
+    Tq, C = min(T, QUERY_BLOCK), C3 // 3
+    rows = max(1, SCORE_ELEMENTS // (n_head * Tq * T))  # window rows per block
+    y = xp.empty((B, T, C), dtype=qkv.dtype)
+    k = xp.empty((min(rows, B), n_head, T, C // n_head), dtype=qkv.dtype)  # (rows,nh,T,hs)
+    v = xp.empty_like(k)  # the keys and values so far, filled block by block
+    for r in range(0, B, rows):
+        n = min(rows, B - r)
+        for s in range(0, T, Tq):
+            y[r:r + n, s:s + Tq] = ops.attention_with_cache(qkv[r:r + n, s:s + Tq], n_head,
+                                                            k[:n], v[:n], s)
+    return y
 
 
 def score_rows(model, x, targets):
@@ -160,7 +185,7 @@ def evaluate(model, ids, stride=None, batch_size=8, tokenizer=None, progress=Non
     spans = windows(len(ids), T, stride)
     scored = np.zeros(len(ids), dtype=bool)  # which tokens were scored (for chars, bytes)
     nats, xp = 0.0, model.xp
-    for batch in _batches(spans, batch_size):
+    for batch in batches(spans, batch_size):
         idx = xp.asarray(np.stack([ids[b:e] for b, e, _ in batch]))  # (B,L)
         x = hidden_states(model, idx)                                 # (B,L,C)
         # position t predicts token t + 1: the targets ids[first:end] are at first-1-begin..
@@ -181,7 +206,7 @@ def evaluate(model, ids, stride=None, batch_size=8, tokenizer=None, progress=Non
     return result
 
 
-def _batches(spans, batch_size):
+def batches(spans, batch_size):
     """The windows in groups of at most batch_size of equal length (only the last window
     can be shorter than block_size)."""
     batch = []

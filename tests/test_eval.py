@@ -8,7 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from npgpt import GPT, GPTConfig, save
+from npgpt import GPT, GPTConfig, ops, save
+from npgpt import evaluate as evaluate_module
 from npgpt.errors import NpgptError
 from npgpt.evaluate import encode_text, evaluate, hidden_states, windows
 from npgpt.tokenizers import BPETokenizer, CharTokenizer
@@ -77,6 +78,18 @@ def test_evaluate_equals_the_training_forward():
             got = evaluate(model, ids, stride, batch_size)
             assert got.tokens == count and got.nats == pytest.approx(nats, rel=1e-12)
             assert got.windows == len(windows(len(ids), 16, stride))
+
+
+@pytest.mark.parametrize("query_block,score_elements", [(5, 1), (4, 10**6), (16, 1)])
+def test_causal_attention_in_blocks_equals_attention_forward(monkeypatch, query_block,
+                                                             score_elements):
+    """Query blocks of 5 or 4 (a short last block), one window row or all at a time."""
+    monkeypatch.setattr(evaluate_module, "QUERY_BLOCK", query_block)
+    monkeypatch.setattr(evaluate_module, "SCORE_ELEMENTS", score_elements)
+    qkv = np.random.default_rng(1).standard_normal((3, 14, 3 * 8))  # (B,T,3C), nh 2
+    want, _ = ops.attention_forward(qkv, 2)
+    np.testing.assert_allclose(evaluate_module.causal_attention(qkv, 2), want, rtol=1e-12,
+                               atol=1e-14)
 
 
 def test_bits_per_char_and_byte_from_first_principles():
