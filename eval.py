@@ -28,8 +28,8 @@ did not reach, each predicted from the tokens before it in the window, so every 
 token sees at least block_size - S tokens of context. The file's first token is never
 scored. With S < block_size every other token is scored exactly once; with S = block_size
 the windows do not overlap and each window's first token goes unscored. A smaller S
-gives more context (usually a lower loss) and costs about block_size / S forwards per
-scored block.
+gives more context (usually a lower loss) and costs block_size / S times the forwards
+of non-overlapping windows.
 
 bits per char / byte: the scored tokens' total nats / ln 2 / the characters (or UTF-8
 bytes) those tokens decode to; they compare char, BPE and GPT-2 tokenizers."""
