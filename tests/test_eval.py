@@ -18,7 +18,8 @@ from conftest import ROOT
 from test_cli import assert_clean_error, run
 
 FIXTURES = ROOT / "tests" / "fixtures"
-TEXT = "ROMEO: but soft, what light through yonder window breaks?\nJULIET: café, naïve — ok.\n" * 3
+TEXT = ("ROMEO: but soft, what light through yonder window breaks?\n"
+        "JULIET: café, naïve — ok.\n") * 3
 
 
 def tiny_model(vocab_size, block_size=16, dtype="float64"):
