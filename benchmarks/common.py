@@ -92,3 +92,24 @@ def sgemm_rate(M, K, N, repeats=20):
         np.matmul(a, b, out=c)
         best = min(best, time.perf_counter() - t)
     return 2.0 * M * K * N / best / 1e9
+
+
+def transformers_twin(model):
+    """Hugging Face's GPT2LMHeadModel (eval mode) holding `model`'s weights: the same
+    architecture (tanh GELU, no dropout, eps 1e-5, tied head). Needs torch and transformers."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    c = model.config
+    cfg = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
+                     n_layer=c.n_layer, n_head=c.n_head, activation_function="gelu_new",
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                     layer_norm_epsilon=1e-5, tie_word_embeddings=True)
+    hf = GPT2LMHeadModel(cfg).eval()
+    state = {n: torch.from_numpy(p.copy()) for n, p in model.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and all("lm_head" in n or ".attn.bias" in n or "masked_bias" in n
+                                  for n in missing), (missing, unexpected)
+    hf.tie_weights()
+    assert torch.equal(hf.lm_head.weight, state["transformer.wte.weight"])
+    return hf

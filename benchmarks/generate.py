@@ -64,20 +64,9 @@ def kv_cache_vs_recompute(contexts, n_new, repeats):
 def gpt2_vs_transformers(n_prompt, n_new, repeats):
     import torch
     import transformers
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT(GPT2, seed=0, reuse_memory=True)  # as generate.py
-    cfg = GPT2Config(vocab_size=GPT2.vocab_size, n_positions=GPT2.block_size,
-                     n_embd=GPT2.n_embd, n_layer=GPT2.n_layer, n_head=GPT2.n_head,
-                     activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
-                     attn_pdrop=0.0, layer_norm_epsilon=1e-5, tie_word_embeddings=True)
-    hf = GPT2LMHeadModel(cfg).eval()
-    state = {n: torch.from_numpy(p.copy()) for n, p in model.state_dict().items()}
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert not unexpected and all("lm_head" in n or ".attn.bias" in n or "masked_bias" in n
-                                  for n in missing), (missing, unexpected)
-    hf.tie_weights()
-    assert torch.equal(hf.lm_head.weight, state["transformer.wte.weight"])
+    hf = common.transformers_twin(model)
 
     prompt = np.random.default_rng(0).integers(0, GPT2.vocab_size, (1, n_prompt))
     tprompt = torch.from_numpy(prompt)
