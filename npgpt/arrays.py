@@ -18,7 +18,8 @@ class Workspace:
     zeroes its pages) than a matrix product written into memory already mapped. What an
     op writes lives until the next use of the same name, so layers choose who shares a
     workspace (layers.py).
-    FRESH (reuse=False), the default, always allocates."""
+    FRESH (reuse=False), the ops' default `ws=`, always allocates (a Workspace you make
+    reuses unless told reuse=False)."""
 
     def __init__(self, reuse=True):
         self.reuse, self.arrays = reuse, {}

@@ -96,7 +96,7 @@ def iter_text(path):
             for chunk in iter(lambda: f.read(CHUNK_CHARS), ""):
                 if "\x00" in chunk:
                     raise NpgptError(f"{path}: looks binary (it contains NUL bytes); "
-                                     "train on a UTF-8 text file")
+                                     "pass a UTF-8 text file")
                 empty = False
                 yield chunk
     except UnicodeDecodeError as e:
@@ -105,7 +105,7 @@ def iter_text(path):
     except OSError as e:
         raise NpgptError(f"{path}: cannot be read ({e.strerror or e})") from None
     if empty:
-        raise NpgptError(f"{path}: the file is empty; train on a file with some text in it")
+        raise NpgptError(f"{path}: the file is empty; pass a file with some text in it")
 
 
 def read_text(path, max_chars=None):
