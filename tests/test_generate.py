@@ -69,6 +69,9 @@ def test_a_batched_sample_is_the_sample_drawn_alone(char_ckpt, capsys, monkeypat
         assert text == PROMPT + tok.decode(ids.tolist())
         assert len(text) == len(PROMPT) + 20  # rows stop at --max-new-tokens
     assert len(set(batched)) == 5
+    nine, rows = samples(capsys, monkeypatch, "--ckpt", char_ckpt, "--max-new-tokens", "2",
+                         "--num-samples", "9")
+    assert len(nine) == 9 and rows == [8, 1]  # the default batch: at most 8 rows
 
 
 def test_gpt2_samples_end_at_endoftext(tmp_path, capsys, monkeypatch):
