@@ -3,6 +3,8 @@
 
     python benchmarks/generate.py            # KV cache vs recompute at contexts 64/128/256
     python benchmarks/generate.py --gpt2     # GPT-2 124M shape: npgpt vs transformers
+    python benchmarks/generate.py --decode   # GPT-2 124M: decoding against its products,
+                                             # sampling's cost, 8 samples in one pass
 
 Default mode: the lecture model (6 layers, 6 heads, 384 dims, context 256, vocab 65;
 random weights), batch 1, sampling at temperature 1. For each context c the prompt has
@@ -115,10 +117,79 @@ def gpt2_vs_transformers(n_prompt, n_new, repeats):
         print(f"   (at that position the two best logits differ by {top2[1] - top2[0]:.2e})")
 
 
+def decode_floor(n_prompt, n_new, repeats):
+    """GPT-2 124M greedy decoding at batch 1 against its matrix products alone; sampling's
+    cost against greedy at batch 1 and 8; N = 8 samples in one batched pass against one.
+    No torch needed."""
+    model = GPT(GPT2, seed=0, reuse_memory=True)  # as generate.py
+    P, rng = model.params, np.random.default_rng(0)
+    weights = [P[f"transformer.h.{i}.{n}.weight"] for i in range(GPT2.n_layer)
+               for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    xs = [rng.standard_normal((1, w.shape[0]), dtype=np.float32) for w in weights]
+    outs = [np.empty((1, w.shape[1]), dtype=np.float32) for w in weights]
+    wte_t, x_head = P["transformer.wte.weight"].T, xs[0][:, :GPT2.n_embd]
+
+    def products():  # one token's 48 products and the tied head, back to back
+        for x, w, o in zip(xs, weights, outs):
+            np.matmul(x, w, out=o)
+        np.matmul(x_head, wte_t)
+
+    big = rng.standard_normal((GPT2.vocab_size * 5 // 2, 1024), dtype=np.float32)  # ~515 MB
+    v = rng.standard_normal(1024, dtype=np.float32)
+    prompt = rng.integers(0, GPT2.vocab_size, (1, n_prompt))
+
+    def per_token(B=1, **kw):  # seconds per step of B rows after the prefill
+        seeds = None if kw.get("temperature", 1.0) == 0 else list(range(B))
+        stream = model.generate_stream(np.repeat(prompt, B, axis=0), n_new, seeds=seeds, **kw)
+        _, _, rest = timed_stream(stream)
+        return rest / (n_new - 1)
+
+    sampling = dict(temperature=0.8, top_k=40, top_p=0.9)
+    best = {}
+    for i in range(repeats + 1):  # alternating; the first round warms up
+        for name, f in [("floor", lambda: common_time(products, 10)),
+                        ("read", lambda: common_time(lambda: big @ v, 5)),
+                        ("greedy", lambda: per_token(temperature=0.0)),
+                        ("sampled", lambda: per_token(**sampling)),
+                        ("greedy8", lambda: per_token(8, temperature=0.0)),
+                        ("sampled8", lambda: per_token(8, **sampling))]:
+            t = f()
+            if i:
+                best[name] = min(best.get(name, np.inf), t)
+    mb = 4 * model.num_params() / 1e6
+    print(f"\n== GPT-2 124M shape ({mb:.0f} MB float32), random weights: {n_prompt}-token "
+          f"prompt, {n_new} tokens with the KV cache; best of {repeats}, alternating")
+    print(f"   read bandwidth (a {big.nbytes / 1e6:.0f} MB matrix-vector product): "
+          f"{big.nbytes / best['read'] / 1e9:.1f} GB/s")
+    print(f"   products alone (48 + head): {1e3 * best['floor']:.2f} ms = "
+          f"{1 / best['floor']:.1f} tok/s")
+    print(f"   greedy, batch 1: {1e3 * best['greedy']:.2f} ms = {1 / best['greedy']:.1f} tok/s: "
+          f"{best['floor'] / best['greedy']:.2f} of the products' rate, "
+          f"{mb / 1e3 / best['greedy'] / (big.nbytes / best['read'] / 1e9):.2f} of the read "
+          "bandwidth")
+    for b, g, s_ in [(1, "greedy", "sampled"), (8, "greedy8", "sampled8")]:
+        print(f"   sampling {sampling} at batch {b}: +{100 * (best[s_] / best[g] - 1):.1f}% "
+              f"per step against greedy")
+    print(f"   8 samples in one pass: {8 / best['sampled8']:.1f} tok/s in aggregate, "
+          f"{best['sampled'] / best['sampled8'] * 8:.2f}x one sample's {1 / best['sampled']:.1f}")
+
+
+def common_time(f, n):
+    """Best seconds of one call of f over n back-to-back calls."""
+    f()
+    best = np.inf
+    for _ in range(n):
+        t = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpt2", action="store_true")
+    p.add_argument("--decode", action="store_true")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
@@ -126,7 +197,9 @@ def main():
         import torch  # noqa: F401  (before set_threads, so torch gets the same count)
     limiter = common.set_threads(args.threads)  # noqa: F841
     print("\n".join(common.machine_info()))
-    if args.gpt2:
+    if args.decode:
+        decode_floor(32, 128, args.repeats)
+    elif args.gpt2:
         gpt2_vs_transformers(32, 200, args.repeats)
     else:
         kv_cache_vs_recompute((64, 128, 256), 32, args.repeats)

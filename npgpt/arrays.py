@@ -25,7 +25,7 @@ class Workspace:
         self.reuse, self.arrays = reuse, {}
 
     def __call__(self, name, shape, like, dtype=None):
-        size, dtype = math.prod(shape), np.dtype(like.dtype if dtype is None else dtype)
+        size, dtype = math.prod(shape), like.dtype if dtype is None else dtype
         a = self.arrays.get((name, dtype))  # (a float16 model keeps float32 sums beside)
         if a is None or a.size < size:
             a = get_xp(like).empty(size, dtype=dtype)
@@ -47,6 +47,7 @@ def ones_vector(n, dtype):
     return np.ones(n, dtype=dtype)
 
 
+@functools.lru_cache(maxsize=None)
 def sum_dtype(dtype):
     """The dtype a sum over many terms is taken in: float32 for float16, else dtype itself.
     float16 has an 11-bit mantissa and a largest value of 65504: a running sum of 2048

@@ -451,8 +451,8 @@ def attention_with_cache(qkv, n_head, k_cache, v_cache, pos):
     v_cache[:, :, pos:end] = v
     att = matmul(q, k_cache[:, :, :end].transpose(0, 1, 3, 2))  # (B,nh,Tn,end)
     att *= 1.0 / math.sqrt(q.shape[-1])
-    # new row i sees every older key and the new keys pos .. pos + i
-    att[..., pos:end] += causal_mask_bias(Tn, att.dtype, xp)
+    if Tn > 1:  # new row i sees every older key and the new keys pos .. pos + i
+        att[..., pos:end] += causal_mask_bias(Tn, att.dtype, xp)  # (one new row sees all)
     att -= att.max(axis=-1, keepdims=True)
     xp.exp(att, out=att)
     att /= att.sum(axis=-1, keepdims=True, dtype=sum_dtype(att.dtype))  # (float16: float32)
