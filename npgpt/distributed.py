@@ -164,6 +164,9 @@ def abort_job(code):
     sys.stdout.flush()
     print(f"npgpt: rank {comm.Get_rank()} of {comm.Get_size()} failed; aborting the MPI job",
           file=sys.stderr, flush=True)
+    # mpiexec forwards a rank's output through its own process; an abort at once can tear
+    # the job down before the message above (and the error before it) is passed on
+    time.sleep(0.2)
     comm.Abort(code or 1)
 
 
