@@ -108,7 +108,11 @@ def sample_next(logits, rng, temperature=1.0, top_k=None, top_p=None):
         u = np.array([[row_rng.random()] for row_rng in rng])  # (B,1), row b from rng[b]
     ids = np.empty(probs.shape[0], dtype=np.int64)
     for b, row in enumerate(probs):
-        support = np.flatnonzero(row)                  # tokens that can be drawn
+        if np.count_nonzero(row) == len(row):          # every token can be drawn
+            cdf = np.cumsum(row)
+            ids[b] = np.searchsorted(cdf, u[b, 0] * cdf[-1], side="left")
+            continue
+        support = np.flatnonzero(row)                  # the tokens that can be drawn
         cdf = np.cumsum(row[support])
         ids[b] = support[np.searchsorted(cdf, u[b, 0] * cdf[-1], side="left")]
     return ids
