@@ -113,3 +113,14 @@ def transformers_twin(model):
     hf.tie_weights()
     assert torch.equal(hf.lm_head.weight, state["transformer.wte.weight"])
     return hf
+
+
+def begin(threads, with_torch=False):
+    """A benchmark's start: torch imported first when it runs (so set_threads gives it
+    the same thread count), BLAS limited to `threads`, the machine printed. Returns the
+    thread limiter, to keep alive for the run."""
+    if with_torch:
+        import torch  # noqa: F401
+    limiter = set_threads(threads)
+    print("\n".join(machine_info()))
+    return limiter

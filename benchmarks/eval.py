@@ -119,10 +119,7 @@ def main():
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    if args.gpt2:
-        import torch  # noqa: F401  (before set_threads, so torch gets the same count)
-    limiter = common.set_threads(args.threads)  # noqa: F841
-    print("\n".join(common.machine_info()))
+    limiter = common.begin(args.threads, with_torch=args.gpt2)  # noqa: F841
     if args.gpt2:
         gpt2_vs_transformers(args.tokens, 512, 8, args.repeats)
     else:
