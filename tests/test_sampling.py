@@ -179,3 +179,21 @@ def test_a_row_that_samples_the_stop_token_is_finished_and_padded():
     alone = m.generate(prompt[:1], 25, seeds=[0], stop_token=stop)
     first = 2 + np.flatnonzero(free[0, 2:] == stop)[0]
     np.testing.assert_array_equal(alone[0], free[0, :first + 1])
+
+
+def test_kth_largest_is_the_partitions_on_every_kind_of_row():
+    """The sampled threshold, its lowered retry and the whole-row fallback all give
+    np.partition's k-th largest: flat, peaked and tied rows, and a row whose largest
+    values sit exactly at the sampled positions (so too few pass either threshold)."""
+    from npgpt.sampling import SAMPLE_SIZE, kth_largest
+
+    rng = np.random.default_rng(0)
+    V = 50_000
+    stride = V // SAMPLE_SIZE
+    rigged = rng.standard_normal(V)
+    rigged[::stride] += 100.0  # only sampled entries pass a threshold taken from the sample
+    rows = [rng.standard_normal(V) * 0.01, rng.standard_normal(V) * 10,
+            np.round(rng.standard_normal(V)), rigged, rng.standard_normal(300)]
+    for row in rows:
+        for k in (1, 2, 40, 100, 299):
+            assert kth_largest(row, k) == np.partition(row, -k)[-k]
