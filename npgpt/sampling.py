@@ -62,16 +62,16 @@ def nucleus(row, top_p):
     rest of the vocabulary never needs sorting. Otherwise a lower threshold is tried,
     and at the end the whole row (threshold -inf) is sorted."""
     best = row.max()
-    for threshold in [best * r for r in PROB_RATIOS] + [-np.inf]:
+    for threshold in [best * r for r in PROB_RATIOS] + [-np.inf]:  # -inf: every token
         candidates = np.flatnonzero(row >= threshold)               # index order
         order = candidates[np.argsort(-row[candidates], kind="stable")]
         sorted_p = row[order]                                      # most likely first
         mass = np.cumsum(sorted_p)
-        if mass[-1] >= top_p or len(candidates) == len(row):
-            keep = np.zeros(row.shape, dtype=bool)
-            keep[order] = (mass - sorted_p) < top_p                # mass before each token
-            return keep
-    raise AssertionError("unreachable: the last threshold takes every token")
+        if mass[-1] >= top_p:
+            break
+    keep = np.zeros(row.shape, dtype=bool)
+    keep[order] = (mass - sorted_p) < top_p                        # mass before each token
+    return keep
 
 
 def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
@@ -113,11 +113,9 @@ def sample_next(logits, rng, temperature=1.0, top_k=None, top_p=None):
         u = np.array([[row_rng.random()] for row_rng in rng])  # (B,1), row b from rng[b]
     ids = np.empty(probs.shape[0], dtype=np.int64)
     for b, row in enumerate(probs):
-        if np.count_nonzero(row) == len(row):          # every token can be drawn
-            cdf = np.cumsum(row)
-            ids[b] = np.searchsorted(cdf, u[b, 0] * cdf[-1], side="left")
-            continue
-        support = np.flatnonzero(row)                  # the tokens that can be drawn
-        cdf = np.cumsum(row[support])
-        ids[b] = support[np.searchsorted(cdf, u[b, 0] * cdf[-1], side="left")]
+        # the tokens that can be drawn (None: all of them, no index array needed)
+        support = None if np.count_nonzero(row) == len(row) else np.flatnonzero(row)
+        cdf = np.cumsum(row if support is None else row[support])
+        j = np.searchsorted(cdf, u[b, 0] * cdf[-1], side="left")
+        ids[b] = j if support is None else support[j]
     return ids
