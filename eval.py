@@ -14,12 +14,10 @@ import time
 import numpy as np
 
 from npgpt import data as datasets
-from npgpt import from_pretrained, load, tokenizer_from_pretrained
 from npgpt.backend import auto_device_note
-from npgpt.cli import run_cli
+from npgpt.cli import load_model, run_cli
 from npgpt.errors import NpgptError
 from npgpt.evaluate import check_stride, encode_text, evaluate, windows
-from npgpt.tokenizers import tokenizer_from_json
 
 _EPILOG = """\
 windows: a window of block_size tokens slides by --stride S, as in Hugging Face's
@@ -62,18 +60,6 @@ def build_parser():
     return p
 
 
-def load_model(args):
-    """(model, tokenizer, extra) from --model DIR (Hugging Face GPT-2) or --ckpt (train.py's);
-    extra: the checkpoint's other data (its train_config names the run's corpus)."""
-    if args.model:
-        model = from_pretrained(args.model, device=args.device)
-        return model, tokenizer_from_pretrained(args.model), {}
-    model, extra = load(args.ckpt, device=args.device)
-    if "tokenizer" not in extra:
-        raise NpgptError(f"{args.ckpt} holds no tokenizer; it was not written by train.py")
-    return model, tokenizer_from_json(extra["tokenizer"]), extra
-
-
 def run_split(args, extra):
     """(ids, description) of the validation split of the run that wrote args.ckpt: its
     corpus encoded into the run's token cache (OUT_DIR/data, reused as train.py reuses it)."""
@@ -97,7 +83,7 @@ def main(argv=None):
                          "split of its own to score")
     if args.batch_size < 1:
         raise NpgptError(f"--batch-size must be positive, got {args.batch_size}")
-    model, args.tokenizer, extra = load_model(args)
+    model, args.tokenizer, extra = load_model(args.ckpt, args.model, args.device)
     note = auto_device_note(args.device, model.device)
     if note:
         print(note, file=sys.stderr)

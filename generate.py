@@ -5,12 +5,9 @@ import sys
 import numpy as np
 
 from npgpt.backend import auto_device_note, to_numpy
-from npgpt.checkpoint import load
-from npgpt.cli import run_cli
+from npgpt.cli import load_model, run_cli
 from npgpt.data import read_text
 from npgpt.errors import NpgptError
-from npgpt import from_pretrained, tokenizer_from_pretrained
-from npgpt.tokenizers import tokenizer_from_json
 
 
 def build_parser():
@@ -64,17 +61,6 @@ class StreamDecoder:
 
     def flush(self):
         return self.tokenizer.decode(self.ids)[self.printed:]
-
-
-def load_model(args):
-    """(model, tokenizer) from --model DIR (Hugging Face GPT-2) or --ckpt (train.py's)."""
-    if args.model:
-        model = from_pretrained(args.model, device=args.device)
-        return model, tokenizer_from_pretrained(args.model)
-    model, extra = load(args.ckpt, device=args.device)
-    if "tokenizer" not in extra:
-        raise NpgptError(f"{args.ckpt} holds no tokenizer; it was not written by train.py")
-    return model, tokenizer_from_json(extra["tokenizer"])
 
 
 def end_sample(i, n):
@@ -134,7 +120,7 @@ def main(argv=None):
                          f"got {args.batch_size}")
     if args.seed_file is not None:  # checked as eval.py checks --data (empty, binary, UTF-8)
         args.seed = read_text(args.seed_file)
-    model, tokenizer = load_model(args)
+    model, tokenizer, _ = load_model(args.ckpt, args.model, args.device)
     model.reuse_memory = True  # sampling keeps no layer output: reuse the memory (faster)
     note = auto_device_note(args.device, model.device)
     if note:

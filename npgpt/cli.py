@@ -22,3 +22,20 @@ def run_cli(main, argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+
+
+def load_model(ckpt, model_dir=None, device="cpu"):
+    """(model, tokenizer, extra) for generate.py and eval.py: a Hugging Face GPT-2 folder
+    (model_dir, with its own tokenizer; extra is {}) or a train.py checkpoint (ckpt, whose
+    tokenizer travels inside; extra holds the rest, e.g. its train_config)."""
+    from .checkpoint import load
+    from .hf import from_pretrained
+    from .tokenizers import tokenizer_from_json, tokenizer_from_pretrained
+
+    if model_dir:
+        return (from_pretrained(model_dir, device=device),
+                tokenizer_from_pretrained(model_dir), {})
+    model, extra = load(ckpt, device=device)
+    if "tokenizer" not in extra:
+        raise NpgptError(f"{ckpt} holds no tokenizer; it was not written by train.py")
+    return model, tokenizer_from_json(extra["tokenizer"]), extra
