@@ -17,7 +17,8 @@ minus the RSS after imports).
     python benchmarks/train_step.py                      # tiny, small, one lecture step
     python benchmarks/train_step.py --config small --steps 20
     python benchmarks/train_step.py --loop               # the real loop: Trainer vs a torch loop
-    python benchmarks/train_step.py --profile            # npgpt per-layer profile (small)
+    python benchmarks/train_step.py --profile            # npgpt per-layer profile, small and
+                                                         # lecture, against the causal floor
     python benchmarks/train_step.py --config gpt2-ft     # GPT-2 124M fine-tuning step, B 1, T 256
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/train_step.py
         # lets OpenBLAS pick its kernels for this CPU (check the "BLAS:" line)
@@ -61,7 +62,28 @@ WARMUP = {"tiny": 5, "small": 2, "lecture": 1, "gpt2-ft": 1}     # untimed steps
 BLOCK = {"tiny": 9, "small": 5, "lecture": 3, "gpt2-ft": 3}      # consecutive steps per turn
 GPU_STEPS, GPU_WARMUP, GPU_BLOCK = 50, 5, 11  # (the first CuPy steps compile its kernels)
 BY_NAME_ONLY = ("gpt2-ft",)
+PROFILE_STEPS = {"tiny": 20, "small": 10, "lecture": 3, "gpt2-ft": 3}  # --profile's timed steps
 HP = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+
+def causal_floor(cfg, B, n_workers):
+    """The matrix products one step needs, per worker (worker 0's rows, the larger share;
+    the workers run side by side), at the sgemm rate measured here with a worker's BLAS
+    threads: (GFLOP, ms at that rate, rate in GFLOP/s). Counted: every linear layer and the
+    tied head, forward (2 N Cin Cout) and backward (twice that), and attention's two
+    products only where a causal model needs them: the T (T + 1) / 2 (query, key) pairs at
+    or below the diagonal, 2 hs FLOPs each for q.k and as many for the weights times v."""
+    from threadpoolctl import threadpool_limits
+    T, C, V, nh = cfg.block_size, cfg.n_embd, cfg.vocab_size, cfg.n_head
+    rows = -(-B // n_workers)
+    N = rows * T
+    linears = 2 * N * (C * 3 * C + C * C + C * 4 * C + 4 * C * C) * cfg.n_layer + 2 * N * C * V
+    attention = 2 * 2 * (C // nh) * (T * (T + 1) // 2) * rows * nh * cfg.n_layer
+    gflop = 3e-9 * (linears + attention)  # forward + backward (two products per product)
+    with threadpool_limits(max(1, os.cpu_count() // n_workers) if n_workers > 1 else None,
+                           user_api="blas"):
+        rate = common.sgemm_rate(N, C, 4 * C)
+    return gflop, gflop / rate * 1e3, rate
 
 
 def batches(cfg, B, n, seed=0):
@@ -243,6 +265,12 @@ def report(name, steps, threads, memory, device="cpu", dtype="float32"):
             mem = f"  peak RSS {m['peak']:7.1f} MB (step: {m['peak'] - m['base']:6.1f} MB)"
         print(f"   {n:14s} {med[n]:8.1f} ms/step  {tokens / med[n] * 1e3:9.0f} tok/s  "
               f"[min {lo:.1f}, max {hi:.1f}, spread {100 * spread:.0f}%]{mem}")
+    if device == "cpu":
+        n_workers = resolve_workers("auto", B, "cpu", cfg.block_size * cfg.n_embd)
+        gflop, floor_ms, rate = causal_floor(cfg, B, n_workers)
+        print(f"   npgpt ms / causal floor = {med['npgpt'] / floor_ms:.2f}x   (floor "
+              f"{floor_ms:.1f} ms: {gflop:.2f} GFLOP of matrix products per worker, "
+              f"{n_workers} worker(s), at the {rate:.0f} GFLOP/s sgemm rate measured here)")
     for n in ("torch sdpa", "torch manual"):
         print(f"   ratio {n} ms / npgpt ms = {med[n] / med['npgpt']:.2f}x"
               + (f"   (npgpt 1 worker: {med[n] / med['npgpt 1 worker']:.2f}x)"
@@ -261,7 +289,6 @@ def profile(name, steps, workers="auto"):
     import threading
 
     from npgpt import ops
-    from threadpoolctl import threadpool_limits
     cfg, B = CONFIGS[name]
     model, opt, step = make_npgpt(cfg, workers=workers)
     n_workers = resolve_workers(workers, B, "cpu", cfg.block_size * cfg.n_embd)
@@ -296,17 +323,15 @@ def profile(name, steps, workers="auto"):
     wrap_layer(model.embedding, "embedding")
     wrap_layer(model.head, "tied head")
     flops["tied head"] = 2e-9 * N * C * V
-    flops["attention (softmax(qk^T)v)"] = cfg.n_layer * 4e-9 * rows * nh * T * T * (C // nh)
+    flops["attention (softmax(qk^T)v)"] = (  # the causal half: T (T + 1) / 2 pairs
+        cfg.n_layer * 4e-9 * rows * nh * (T * (T + 1) // 2) * (C // nh))
     for op, kind in (("attention", "attention (softmax(qk^T)v)"), ("gelu", "gelu"),
                      ("cross_entropy", "cross-entropy")):
         setattr(ops, op + "_forward", timed((kind, "fwd"), getattr(ops, op + "_forward")))
         setattr(ops, op + "_backward", timed((kind, "bwd"), getattr(ops, op + "_backward")))
     opt.step = timed(("AdamW", "step"), opt.step)
 
-    with threadpool_limits(max(1, os.cpu_count() // n_workers) if n_workers > 1 else None,
-                           user_api="blas"):
-        rate = common.sgemm_rate(N, C, 4 * C)
-        rate_sq = common.sgemm_rate(1024, 1024, 1024)
+    gflop, floor_ms, rate = causal_floor(cfg, B, n_workers)  # the sgemm rate of a worker
     totals, per_step = [], []
     for i, (x, y) in enumerate(batches(cfg, B, WARMUP[name] + steps)):
         acc.clear()
@@ -320,8 +345,8 @@ def profile(name, steps, workers="auto"):
     print(f"\n== npgpt per-layer profile, {name} (median of {steps} steps: {total:.1f} ms/step; "
           f"{n_workers} worker(s), the layers of worker 0: {rows} rows; "
           f"load average {os.getloadavg()[0]:.2f})")
-    print(f"   sgemm rate here: {rate:.0f} GFLOP/s for ({N},{C})@({C},{4 * C}), "
-          f"{rate_sq:.0f} GFLOP/s for 1024^3")
+    print(f"   sgemm rate here: {rate:.0f} GFLOP/s for ({N},{C})@({C},{4 * C}) at a worker's "
+          f"BLAS threads")
     print(f"   {'layer type':28s} {'fwd ms':>8s} {'bwd ms':>8s} {'share':>6s} "
           f"{'GFLOP':>7s} {'GFLOP/s':>8s} {'of sgemm':>8s}")
     kinds = sorted({k for k, _ in med},
@@ -342,7 +367,10 @@ def profile(name, steps, workers="auto"):
           f"{100 * other / total:5.1f}%")
     print(f"   matrix products: {mm_flops:.1f} GFLOP, {mm_flops / rate * 1e3:.1f} ms at the sgemm "
           f"rate; the layers that hold them took {mm_ms:.1f} ms "
-          f"(attention's figure includes its softmax)")
+          f"(attention's figure includes its softmax; it counts the causal half)")
+    print(f"   causal floor: {gflop:.1f} GFLOP per worker (attention's scores at or below the "
+          f"diagonal only) = {floor_ms:.1f} ms at {rate:.0f} GFLOP/s; the step took "
+          f"{total:.1f} ms: {total / floor_ms:.2f}x the floor")
 
 
 def main():
@@ -368,8 +396,15 @@ def main():
                         "autocast + GradScaler), npgpt float32 beside them")
     p.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
+    names = [n for n in CONFIGS if n not in BY_NAME_ONLY] if args.config == "all" else [args.config]
     if args.memory_child:
         return memory_child(*args.memory_child)
+    if args.profile:  # npgpt alone: runs without torch
+        limiter = common.set_threads(args.threads)  # noqa: F841
+        print("\n".join(common.machine_info()))
+        for name in (["small", "lecture"] if args.config == "all" else names):
+            profile(name, args.steps or PROFILE_STEPS[name], args.workers)
+        return
     import torch  # noqa: F401
     if args.device == "gpu":
         from npgpt.backend import enable_tf32, resolve_device
@@ -386,11 +421,6 @@ def main():
         sys.exit("train_step.py: --tf32 applies to --device gpu only")
     limiter = common.set_threads(args.threads)  # noqa: F841
     print("\n".join(common.machine_info()))
-    names = [n for n in CONFIGS if n not in BY_NAME_ONLY] if args.config == "all" else [args.config]
-    if args.profile:
-        for name in (["small"] if args.config == "all" else names):
-            profile(name, args.steps or 10, args.workers)
-        return
     if args.loop:
         return loop_throughput(args.steps or 100)
     for name in names:

@@ -134,9 +134,13 @@ def gelu_backward(dout, cache, ws=FRESH):
 # attention: ops.attention_forward / backward with their softmax steps fused
 
 
-def causal_softmax(att, ws=FRESH):
-    """ops.causal_softmax in one kernel, in place on att (B,nh,T,T), contiguous."""
+def causal_softmax(att, ws=FRESH, first=0):
+    """ops.causal_softmax in one kernel, in place on att (B,nh,T,T), contiguous: whole
+    rows only (first = 0), which is why the fused attention below keeps tile=None."""
     T = att.shape[-1]
+    if first != 0 or att.shape[-2] != T:
+        raise ValueError(f"the fused causal softmax takes whole (T,T) rows, got a tile of "
+                         f"shape {att.shape} starting at query {first}")
     rows = att.size // T
     _rows("causal_softmax", get_xp(att), rows, att, np.int32(rows), np.int32(T))
     return att
@@ -154,7 +158,9 @@ def causal_softmax_backward(ds, att, rowdot, att_mask):
     return ds
 
 
-attention_forward = functools.partial(ops.attention_forward, softmax=causal_softmax)
+# The GPU keeps whole (T,T) rows: one launch per step instead of one per tile (the
+# kernels assume square rows), the masked half computed and zeroed as before.
+attention_forward = functools.partial(ops.attention_forward, softmax=causal_softmax, tile=None)
 attention_backward = functools.partial(ops.attention_backward,
                                        softmax_backward=causal_softmax_backward)
 

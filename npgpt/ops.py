@@ -16,24 +16,28 @@ unchanged on NumPy or CuPy. Scalars are Python floats: under NumPy 2's promotion
 looked at the scalar's value instead). Most ops take an optional Workspace `ws` (arrays.py)
 saying where their results go: the layers pass one so that a training step reuses the
 previous step's memory; without one every result is a new array (same arithmetic).
+The attention ops live in attention.py (imported here, so ops.attention_forward works).
 """
-import functools
 import math
 from collections import namedtuple
 
 import numpy as np
 
 from .arrays import FRESH, column_sums, matmul, row_sums, sum_dtype
+# causal attention (training's tiled pair and sampling's cached forward) lives in
+# attention.py; ops.attention_forward etc. are the same functions
+from .attention import (AttentionCache, attention_backward, attention_forward,  # noqa: F401
+                        attention_with_cache, causal_mask_bias, causal_softmax,
+                        causal_softmax_backward)
 from .backend import get_xp
 
 
-# what each forward keeps for its backward, by name (a learner can read cache.att)
+# what each forward keeps for its backward, by name (a learner can read cache.xhat)
 EmbeddingCache = namedtuple("EmbeddingCache", "idx wte_shape wpe_shape")
 LinearCache = namedtuple("LinearCache", "x w")
 HeadCache = namedtuple("HeadCache", "x wte")
 LayerNormCache = namedtuple("LayerNormCache", "xhat rstd w")
 GeluCache = namedtuple("GeluCache", "x out")
-AttentionCache = namedtuple("AttentionCache", "qs k v att att_used att_mask scale y")
 CrossEntropyCache = namedtuple("CrossEntropyCache", "probs t_safe valid count shape")
 
 
@@ -293,104 +297,6 @@ def dropout_mask(shape, p, rng, dtype):
 
 
 # ----------------------------------------------------------------------------
-# causal multi-head self-attention (the part between c_attn and c_proj)
-
-
-@functools.lru_cache(maxsize=16)
-def causal_mask_bias(T, dtype, xp):
-    """(T,T) additive mask: 0 where key position <= query position, -inf above.
-    Computed once per (T, dtype): callers must not write into it."""
-    future = xp.triu(xp.ones((T, T), dtype=bool), k=1)
-    return xp.where(future, -math.inf, 0.0).astype(dtype)
-
-
-def _split_heads(qkv, n_head):
-    """(B,T,3C) -> q, k, v, each a (B,nh,T,hs) view: (B,T,3,nh,hs) -> (3,B,nh,T,hs)."""
-    B, T, C3 = qkv.shape
-    return qkv.reshape(B, T, 3, n_head, C3 // (3 * n_head)).transpose(2, 0, 3, 1, 4)
-
-
-def causal_softmax(att, ws=FRESH):
-    """att (B,nh,T,T) scores -> causal softmax weights, in place (step (2) below).
-    kernels.py fuses these four passes into one."""
-    xp, T = get_xp(att), att.shape[-1]
-    att += causal_mask_bias(T, att.dtype, xp)     # -inf above the diagonal
-    att -= xp.max(att, axis=-1, keepdims=True, out=ws("rowmax", att.shape[:-1] + (1,), att))
-    xp.exp(att, out=att)                          # stable softmax: every row's max is 0, and
-    att *= 1.0 / row_sums(att, ws, "rowsum")      # exp(-inf) = 0: masked weights are exactly 0
-    # (float16: the row max is one of the row's numbers, exact; the row sum is float32)
-    return att
-
-
-def causal_softmax_backward(ds, att, rowdot, att_mask):
-    """Steps (3) and (2) of attention_backward, in place: ds holds da (B,nh,T,T) and
-    becomes att * (da * att_mask - rowdot); rowdot (B,nh,T,1). kernels.py fuses them."""
-    if att_mask is not None:
-        ds *= att_mask                                       # (3)
-    ds -= rowdot                                             # (2)
-    ds *= att
-    return ds
-
-
-def attention_forward(qkv, n_head, att_mask=None, ws=FRESH, *, softmax=causal_softmax):
-    """Scaled dot-product causal self-attention over all (batch, head) pairs at once.
-
-    qkv (B,T,3C) is the fused projection [q | k | v]; returns y (B,T,C).
-    att_mask, if given, is a dropout keep-mask of shape (B,nh,T,T) applied to the
-    attention weights (as nanoGPT's attn_dropout).
-        att = softmax(q k^T / sqrt(hs) + causal)     (B,nh,T,T)
-        y   = (att * att_mask) v                     (B,nh,T,hs) -> merged to (B,T,C)
-    softmax: the in-place step scores -> weights (kernels.py passes its fused one).
-    Textbook version: reference.attention_forward.
-    """
-    xp = get_xp(qkv)
-    B, T, C3 = qkv.shape
-    q, k, v = _split_heads(qkv, n_head)
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    qs = xp.multiply(q, scale, out=ws("qs", q.shape, qkv))  # scaling q: T/hs times cheaper
-    att = matmul(qs, k.transpose(0, 1, 3, 2), out=ws("att", (B, n_head, T, T), qkv))
-    softmax(att, ws)                              # scores -> causal softmax weights
-    att_used = att if att_mask is None else xp.multiply(att, att_mask,
-                                                        out=ws("att_used", att.shape, att))
-    y = ws("y", (B, T, C3 // 3), qkv)
-    # (B,nh,T,T) @ (B,nh,T,hs) written straight into y's (B,T,nh,hs) layout: no merge copy
-    matmul(att_used, v, out=y.reshape(B, T, n_head, -1).transpose(0, 2, 1, 3))
-    return y, AttentionCache(qs, k, v, att, att_used, att_mask, scale, y)
-
-
-def attention_backward(dy, cache, ws=FRESH, *, softmax_backward=causal_softmax_backward):
-    """forward (per batch and head):
-        s   = qs k^T + causal             (1)  (qs = q * scale)
-        att = softmax(s)  row-wise        (2)
-        a   = att * att_mask              (3)  (a = att without dropout)
-        y   = a v                         (4)
-    backward, each line inverting the forward line with the same number:
-        (4) da = dy v^T ;  dv = a^T dy
-        (3) datt = da * att_mask
-        (2) ds = att * (datt - sum_j(datt * att))   (softmax Jacobian; att = 0 on masked
-            entries, so their gradient is exactly 0). The row sums need no (T,T) product:
-            sum_j datt_ij att_ij = sum_j da_ij a_ij = sum_j (dy_i . v_j) a_ij = dy_i . y_i
-        (1) dq = ds k * scale ;  dk = ds^T qs
-    Returns dqkv (B,T,3C). softmax_backward: steps (3) and (2), in place.
-    Textbook version: reference.attention_backward.
-    """
-    qs, k, v, att, att_used, att_mask, scale, y = cache
-    xp, (B, nh, T, hs) = get_xp(dy), qs.shape
-    dy4 = dy.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)  # (B,T,C) -> (B,nh,T,hs)
-    dqkv = ws("dx", (B, T, 3 * nh * hs), dy)
-    dq, dk, dv = _split_heads(dqkv, nh)  # views of dqkv as heads, written in place
-    matmul(att_used.transpose(0, 1, 3, 2), dy4, out=dv)     # (4) dv = a^T dy
-    ds = matmul(dy4, v.transpose(0, 1, 3, 2), out=ws("tmp", att.shape, dy))  # (4) da
-    dy_y = xp.multiply(dy, y, out=ws("dy_y", y.shape, dy)).reshape(B, T, nh, hs)
-    rowdot = row_sums(dy_y, ws, "rowdot").transpose(0, 2, 1, 3)  # dy_i . y_i, (B,nh,T,1)
-    softmax_backward(ds, att, rowdot, att_mask)             # (3), (2)
-    matmul(ds, k, out=dq)                                   # (1) dq = ds k * scale
-    dq *= scale
-    matmul(ds.transpose(0, 1, 3, 2), qs, out=dk)            # (1) dk = ds^T qs
-    return (dqkv,)
-
-
-# ----------------------------------------------------------------------------
 # softmax cross-entropy
 
 
@@ -432,29 +338,3 @@ def cross_entropy_backward(dloss, cache, ws=FRESH):
     dlogits *= (valid * (dloss / count))[:, None].astype(count.dtype)  # (float16 * float32:
     # the scale dloss/count, ~1e-5 without loss scaling, is below float16's normal range)
     return (dlogits.reshape(shape),)
-
-
-# ----------------------------------------------------------------------------
-# inference: attention against a key/value cache (no backward: used only to sample)
-
-
-def attention_with_cache(qkv, n_head, k_cache, v_cache, pos):
-    """Causal attention of Tn new positions (pos .. pos+Tn-1) against every key so far:
-    qkv (B,Tn,3C); k_cache, v_cache (B,nh,block_size,hs) hold the keys/values of positions
-    < pos and receive the new ones. Returns y (B,Tn,C): attention_forward's new rows.
-    Textbook version: reference.attention_with_cache."""
-    xp = get_xp(qkv)
-    B, Tn, C3 = qkv.shape
-    end = pos + Tn
-    q, k, v = _split_heads(qkv, n_head)  # (B,nh,Tn,hs)
-    k_cache[:, :, pos:end] = k
-    v_cache[:, :, pos:end] = v
-    att = matmul(q, k_cache[:, :, :end].transpose(0, 1, 3, 2))  # (B,nh,Tn,end)
-    att *= 1.0 / math.sqrt(q.shape[-1])
-    if Tn > 1:  # new row i sees every older key and the new keys pos .. pos + i
-        att[..., pos:end] += causal_mask_bias(Tn, att.dtype, xp)  # (one new row sees all)
-    att -= att.max(axis=-1, keepdims=True)
-    xp.exp(att, out=att)
-    att /= att.sum(axis=-1, keepdims=True, dtype=sum_dtype(att.dtype))  # (float16: float32)
-    y = matmul(att, v_cache[:, :, :end])          # (B,nh,Tn,hs)
-    return y.transpose(0, 2, 1, 3).reshape(B, Tn, C3 // 3)  # (B,nh,Tn,hs) -> (B,Tn,C)

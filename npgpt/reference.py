@@ -203,9 +203,11 @@ def attention_forward(qkv, n_head, att_mask=None):
         a   = att * att_mask   (att_mask: a (B,nh,T,T) dropout keep-mask of 0 and 1/(1-p))
         y   = a v                                             (B,nh,T,hs) -> (B,T,C)
 
-    ops.attention_forward scales q rather than the (T,T) scores, writes every result
-    into reused buffers, does the softmax as a replaceable in-place step (kernels.py
-    fuses it into one GPU kernel) and writes y straight into its (B,T,C) layout."""
+    ops.attention_forward computes only the scores at or below the diagonal, in tiles
+    of query rows (npgpt/attention.py), scales q rather than the scores, writes every
+    result into reused buffers, does the softmax as a replaceable in-place step
+    (kernels.py fuses it into one GPU kernel) and writes y straight into its (B,T,C)
+    layout."""
     T = qkv.shape[1]
     q, k, v = (_heads(x, n_head) for x in np.split(qkv, 3, axis=-1))  # 3 x (B,nh,T,hs)
     hs = q.shape[-1]
