@@ -57,6 +57,36 @@ def sum_dtype(dtype):
     return np.dtype(np.float32) if np.dtype(dtype) == np.float16 else np.dtype(dtype)
 
 
+# Element-wise ops on the CPU run their passes over blocks of whole rows of about this
+# many elements: a block's arrays (256 KB each in float32) stay in a core's cache from one
+# pass to the next, where a whole (B,T,4C) array of the lecture preset (50 MB) makes every
+# pass a trip to memory. Measured on a 2-core AMD EPYC (1 MB L2 per core, 32 MB L3), one
+# thread, forward + backward: GELU of (8192, 1536) 68 ms whole, 37 ms in blocks of 64K;
+# LayerNorm of (8192, 384) 26 ms, 15 ms. Arrays the L3 holds gain nothing (a block's
+# Python calls cost what its cache saves): up to WHOLE_ELEMENTS they stay whole.
+BLOCK_ELEMENTS = 1 << 16
+WHOLE_ELEMENTS = 1 << 21
+
+
+def blocks(n, item_elements, like):
+    """Slices of range(n) (items of item_elements elements each, e.g. rows) holding about
+    BLOCK_ELEMENTS elements each; one slice of everything on a GPU (one kernel launch
+    per pass is what it wants) or when the n items hold at most WHOLE_ELEMENTS."""
+    if get_xp(like) is not np or n * item_elements <= WHOLE_ELEMENTS:
+        return [slice(0, n)]
+    step = max(1, BLOCK_ELEMENTS // item_elements)
+    return [slice(i, i + step) for i in range(0, n, step)]
+
+
+def row_blocks(*arrays):
+    """Blocks of the same rows of `arrays` (each seen as (rows, its last axis); the same
+    number of rows), as tuples of 2-D views, cut by `blocks`. Writes into a view land in
+    the array, so outputs must be contiguous (Workspace arrays are)."""
+    flat = [a.reshape(-1, a.shape[-1]) for a in arrays]  # (rows, last axis) each
+    rows, width = flat[0].shape
+    return [tuple(f[b] for f in flat) for b in blocks(rows, width, arrays[0])]
+
+
 def matmul(a, b, out=None):
     """a @ b (into `out`, else a new array of a's dtype).
 

@@ -16,7 +16,7 @@ import functools
 import math
 from collections import namedtuple
 
-from .arrays import FRESH, matmul, row_sums, sum_dtype
+from .arrays import FRESH, blocks, matmul, row_sums, sum_dtype
 from .backend import get_xp
 
 # Query rows per tile. Chosen by measurement on a 2-core AMD EPYC (OpenBLAS, one thread,
@@ -123,15 +123,18 @@ def attention_forward(qkv, n_head, att_mask=None, ws=FRESH, *, softmax=causal_so
     for first, end in bounds:
         shape = (B, n_head, end - first, end)  # queries first..end-1 against keys 0..end-1
         n = math.prod(shape)
-        att = matmul(qs[:, :, first:end], k[:, :, :end].transpose(0, 1, 3, 2),
-                     out=att_memory[offset:offset + n].reshape(shape))  # (B,nh,R,K) scores
-        softmax(att, ws, first)                   # scores -> causal softmax weights
-        a = att if att_mask is None else xp.multiply(
-            att, att_mask[:, :, first:end, :end], out=used_memory[offset:offset + n].reshape(shape))
-        # (B,nh,R,K) @ (B,nh,K,hs) written straight into y's (B,T,nh,hs) layout
-        matmul(a, v[:, :, :end], out=y4[:, :, first:end])
-        tiles.append(att)
-        used.append(a)
+        att_tile = att_memory[offset:offset + n].reshape(shape)
+        used_tile = used_memory[offset:offset + n].reshape(shape)
+        for b in blocks(B, n // B, qkv):  # batch rows whose tile stays in cache throughout
+            att = matmul(qs[b, :, first:end], k[b, :, :end].transpose(0, 1, 3, 2),
+                         out=att_tile[b])             # (b,nh,R,K) scores
+            softmax(att, ws, first)                   # scores -> causal softmax weights
+            a = att if att_mask is None else xp.multiply(
+                att, att_mask[b, :, first:end, :end], out=used_tile[b])
+            # (b,nh,R,K) @ (b,nh,K,hs) written straight into y's (B,T,nh,hs) layout
+            matmul(a, v[b, :, :end], out=y4[b, :, first:end])
+        tiles.append(att_tile)
+        used.append(used_tile)
         offset += n
     return y, AttentionCache(qs, k, v, tiles, used, att_mask, scale, y)
 
@@ -165,23 +168,24 @@ def attention_backward(dy, cache, ws=FRESH, *, softmax_backward=causal_softmax_b
     ds_memory = ws("tmp", (sum(t.size for t in tiles),), dy)
     share = ws("share", qs.shape, dy) if len(tiles) > 1 else None  # an earlier tile's dv, dk
     offset = 0
-    for att, a in zip(reversed(tiles), reversed(used)):  # the last tile (keys 0..T-1) first
-        R, K = att.shape[-2:]
+    for att_tile, used_tile in zip(reversed(tiles), reversed(used)):  # keys 0..T-1 first
+        R, K = att_tile.shape[-2:]
         first = K - R
-        dy_t = dy4[:, :, first:K]                               # (B,nh,R,hs)
-        to_dv, to_dk = (dv, dk) if K == T else (share[:, :, :K], share[:, :, :K])
-        matmul(a.transpose(0, 1, 3, 2), dy_t, out=to_dv)      # (4) dv = a^T dy
-        if K < T:
-            dv[:, :, :K] += to_dv
-        ds = matmul(dy_t, v[:, :, :K].transpose(0, 1, 3, 2),
-                    out=ds_memory[offset:offset + att.size].reshape(att.shape))  # (4) da
-        offset += att.size
-        softmax_backward(ds, att, rowdot[:, :, first:K],
-                         None if att_mask is None else att_mask[:, :, first:K, :K])  # (3), (2)
-        matmul(ds, k[:, :, :K], out=dq[:, :, first:K])          # (1) dq = ds k * scale
-        matmul(ds.transpose(0, 1, 3, 2), qs[:, :, first:K], out=to_dk)  # (1) dk = ds^T qs
-        if K < T:
-            dk[:, :, :K] += to_dk
+        ds_tile = ds_memory[offset:offset + att_tile.size].reshape(att_tile.shape)
+        offset += att_tile.size
+        for b in blocks(B, att_tile.size // B, dy):  # batch rows, as in the forward
+            att, a, dy_t = att_tile[b], used_tile[b], dy4[b, :, first:K]  # dy_t (b,nh,R,hs)
+            to_dv, to_dk = (dv[b], dk[b]) if K == T else (share[b, :, :K], share[b, :, :K])
+            matmul(a.transpose(0, 1, 3, 2), dy_t, out=to_dv)      # (4) dv = a^T dy
+            if K < T:
+                dv[b, :, :K] += to_dv
+            ds = matmul(dy_t, v[b, :, :K].transpose(0, 1, 3, 2), out=ds_tile[b])  # (4) da
+            softmax_backward(ds, att, rowdot[b, :, first:K],
+                             None if att_mask is None else att_mask[b, :, first:K, :K])
+            matmul(ds, k[b, :, :K], out=dq[b, :, first:K])      # (1) dq = ds k * scale
+            matmul(ds.transpose(0, 1, 3, 2), qs[b, :, first:K], out=to_dk)  # dk = ds^T qs
+            if K < T:
+                dk[b, :, :K] += to_dk
     dq *= scale
     return (dqkv,)
 

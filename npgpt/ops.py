@@ -23,7 +23,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from .arrays import FRESH, column_sums, matmul, row_sums, sum_dtype
+from .arrays import FRESH, column_sums, matmul, row_blocks, row_sums, sum_dtype
 # causal attention (training's tiled pair and sampling's cached forward) lives in
 # attention.py; ops.attention_forward etc. are the same functions
 from .attention import (AttentionCache, attention_backward, attention_forward,  # noqa: F401
@@ -170,19 +170,23 @@ def head_backward(dout, cache, ws=FRESH):
 
 def layernorm_forward(x, w, b, eps=1e-5, ws=FRESH):
     """out = (x - mean) / sqrt(var + eps) * w + b, statistics over the last axis (C).
+    The passes run over blocks of rows that stay in cache (arrays.row_blocks).
     Textbook version: reference.layernorm_forward."""
     xp, inv_c, acc = get_xp(x), 1.0 / x.shape[-1], sum_dtype(x.dtype)
-    mean = row_sums(x, ws, "mean")
-    mean *= inv_c                                             # (..., 1), float32 for float16
-    xhat = xp.subtract(x, mean, out=ws("xhat", x.shape, x))   # x - mean, scaled below
-    # (x - mean)^2 in out's memory; float16 squares overflow past 256, so theirs are float32
-    sq = ws("out", x.shape, x, acc)
-    var = row_sums(xp.multiply(xhat, xhat, out=sq, dtype=acc), ws, "var")
-    var *= inv_c                                              # biased variance, as PyTorch
-    rstd = 1.0 / (var + eps) ** 0.5                           # (..., 1)
-    xhat *= rstd
-    out = xp.multiply(xhat, w, out=ws("out", x.shape, x))
-    out += b
+    xhat, out = ws("xhat", x.shape, x), ws("out", x.shape, x)
+    rstd = ws("rstd", x.shape[:-1] + (1,), x, acc)  # (..., 1), float32 for float16
+    for xb, xhat_b, out_b, rstd_b in row_blocks(x, xhat, out, rstd):
+        mean = row_sums(xb, ws, "mean")
+        mean *= inv_c                                       # (rows, 1)
+        xp.subtract(xb, mean, out=xhat_b)                   # x - mean, scaled below
+        # (x - mean)^2; float16 squares overflow past 256, so theirs are float32
+        sq = xp.multiply(xhat_b, xhat_b, out=ws("sq", xb.shape, x, acc), dtype=acc)
+        var = row_sums(sq, ws, "var")
+        var *= inv_c                                        # biased variance, as PyTorch
+        rstd_b[...] = 1.0 / (var + eps) ** 0.5
+        xhat_b *= rstd_b
+        xp.multiply(xhat_b, w, out=out_b)
+        out_b += b
     return out, LayerNormCache(xhat, rstd, w)
 
 
@@ -200,14 +204,17 @@ def layernorm_backward(dout, cache, ws=FRESH):
     """
     xhat, rstd, w = cache
     xp, C = get_xp(dout), xhat.shape[-1]
-    tmp = ws("tmp", xhat.shape, dout)
-    db = column_sums(dout.reshape(-1, C))
-    dw = column_sums(xp.multiply(dout, xhat, out=tmp).reshape(-1, C))
-    dx = xp.multiply(dout, w, out=ws("dx", xhat.shape, dout))  # dxhat
-    proj = row_sums(xp.multiply(dx, xhat, out=tmp), ws, "proj")
-    dx -= row_sums(dx, ws, "dmean") * (1.0 / C)
-    dx -= xp.multiply(xhat, proj * (1.0 / C), out=tmp)
-    dx *= rstd
+    dx = ws("dx", xhat.shape, dout)
+    dw = db = 0.0
+    for dout_b, xhat_b, rstd_b, dx_b in row_blocks(dout, xhat, rstd, dx):  # blocks of rows
+        tmp = ws("tmp", dout_b.shape, dout)
+        db = db + column_sums(dout_b)
+        dw = dw + column_sums(xp.multiply(dout_b, xhat_b, out=tmp))
+        xp.multiply(dout_b, w, out=dx_b)                    # dxhat
+        proj = row_sums(xp.multiply(dx_b, xhat_b, out=tmp), ws, "proj")
+        dx_b -= row_sums(dx_b, ws, "dmean") * (1.0 / C)
+        dx_b -= xp.multiply(xhat_b, proj * (1.0 / C), out=tmp)
+        dx_b *= rstd_b
     return dx, dw, db
 
 
@@ -233,14 +240,16 @@ def gelu_forward(x, ws=FRESH):
         out = ws("out", x.shape, x)
         out[...] = gelu_forward(x.astype(np.float32))[0]
         return out, GeluCache(x, out)
-    out = xp.multiply(x, x, out=ws("out", x.shape, x))  # x^2
-    out *= _GELU_K * _GELU_A
-    out += _GELU_K
-    out *= x                                            # u
-    xp.tanh(out, out=out)                               # t = tanh(u)
-    out += 1.0
-    out *= x
-    out *= 0.5
+    out = ws("out", x.shape, x)
+    for xb, o in row_blocks(x, out):   # blocks of rows that stay in cache over the passes
+        xp.multiply(xb, xb, out=o)     # x^2
+        o *= _GELU_K * _GELU_A
+        o += _GELU_K
+        o *= xb                        # u
+        xp.tanh(o, out=o)              # t = tanh(u)
+        o += 1.0
+        o *= xb
+        o *= 0.5
     return out, GeluCache(x, out)
 
 
@@ -257,18 +266,20 @@ def gelu_backward(dout, cache, ws=FRESH):
         dx[...] = gelu_backward(dout.astype(np.float32),
                                 GeluCache(x.astype(np.float32), out.astype(np.float32)))[0]
         return (dx,)
-    dx = xp.multiply(x, x, out=ws("dx", x.shape, dout))  # x^2
-    t = xp.multiply(dx, _GELU_K * _GELU_A, out=ws("tmp", x.shape, dout))
-    t += _GELU_K
-    t *= x
-    xp.tanh(t, out=t)                        # t = tanh(u), as in the forward
-    dx *= 3.0 * _GELU_K * _GELU_A
-    dx += _GELU_K                            # du/dx
-    dx *= out                                # A
-    dx -= 0.5
-    dx *= xp.subtract(1.0, t, out=t)         # (A - 0.5) (1 - t)
-    dx += 1.0
-    dx *= dout
+    dx = ws("dx", x.shape, dout)
+    for xb, ob, dout_b, d in row_blocks(x, out, dout, dx):  # blocks of rows, as forward
+        xp.multiply(xb, xb, out=d)                  # x^2
+        t = xp.multiply(d, _GELU_K * _GELU_A, out=ws("tmp", d.shape, dout))
+        t += _GELU_K
+        t *= xb
+        xp.tanh(t, out=t)                           # t = tanh(u), as in the forward
+        d *= 3.0 * _GELU_K * _GELU_A
+        d += _GELU_K                                # du/dx
+        d *= ob                                     # A
+        d -= 0.5
+        d *= xp.subtract(1.0, t, out=t)             # (A - 0.5) (1 - t)
+        d += 1.0
+        d *= dout_b
     return (dx,)
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import stand_in_gpu
-from npgpt import GPT, GPTConfig, attention, ops, reference
+from npgpt import GPT, GPTConfig, arrays, attention, ops, reference
 from npgpt.arrays import Workspace
 from npgpt.attention import query_tiles
 from npgpt.backend import to_numpy
@@ -122,3 +122,23 @@ def test_a_model_with_tiles_equals_one_with_whole_rows(monkeypatch, dropout):
         results.append((float(loss), m.backward().flat.copy()))
     assert results[1][0] == pytest.approx(results[0][0], abs=1e-12)
     np.testing.assert_allclose(results[1][1], results[0][1], rtol=0, atol=1e-12)
+
+
+def cut_into_blocks(monkeypatch, block_elements):
+    """Make every CPU array big enough to be cut into blocks (arrays.blocks)."""
+    monkeypatch.setattr(arrays, "WHOLE_ELEMENTS", 0)
+    monkeypatch.setattr(arrays, "BLOCK_ELEMENTS", block_elements)
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_tiles_in_blocks_of_batch_rows_equal_whole_rows(monkeypatch, dropout):
+    B, T, nh, hs = 5, 23, 2, 3
+    qkv, dy, mask = inputs(B, T, nh, hs, dropout)
+    want_y, cache = attention.attention_forward(qkv, nh, mask, tile=None)
+    (want,) = attention.attention_backward(dy, cache)
+    cut_into_blocks(monkeypatch, 2 * nh * 8 * 23)  # two batch rows per block
+    assert len(arrays.blocks(B, nh * 8 * 23, qkv)) == 3
+    y, cache = attention.attention_forward(qkv, nh, mask, tile=8)
+    (got,) = attention.attention_backward(dy, cache)
+    np.testing.assert_allclose(y, want_y, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)

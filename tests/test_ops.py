@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from npgpt import ops
+from npgpt import arrays, ops
 from npgpt.gradcheck import check_op, numerical_grad, rel_error
 
 TOL = 1e-6
@@ -34,6 +34,25 @@ def test_layernorm():
 
 def test_gelu():
     assert_close(check_op(ops.gelu_forward, ops.gelu_backward, [randn(3, 5, 7) * 2.0]))
+
+
+@pytest.mark.parametrize("op, shapes", [
+    ("layernorm", [(5, 3, 6), (6,), (6,)]), ("gelu", [(5, 3, 7)])])
+def test_row_blocks_give_the_whole_arrays_results(monkeypatch, op, shapes):
+    """LayerNorm and GELU cut big arrays into blocks of rows (arrays.row_blocks): the same
+    results, float64 to 1e-12, as one block of everything."""
+    args = [randn(*s) for s in shapes]
+    fwd, bwd = getattr(ops, op + "_forward"), getattr(ops, op + "_backward")
+    out, cache = fwd(*args)
+    dout = randn(*out.shape)
+    want = bwd(dout, cache)
+    monkeypatch.setattr(arrays, "WHOLE_ELEMENTS", 0)
+    monkeypatch.setattr(arrays, "BLOCK_ELEMENTS", 2 * shapes[0][-1])  # two rows a block
+    assert len(arrays.row_blocks(args[0])) == 8
+    got_out, cache = fwd(*args)
+    np.testing.assert_allclose(got_out, out, rtol=0, atol=1e-12)
+    for g, w in zip(bwd(dout, cache), want):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-12)
 
 
 def test_gelu_matches_definition():
