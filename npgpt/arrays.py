@@ -105,16 +105,19 @@ def matmul(a, b, out=None):
     return out
 
 
-def row_sums(a, ws, name):
-    """(..., 1) row sums of `a`, in sum_dtype. On the CPU one matrix-vector product
-    a @ ones (BLAS beats NumPy's reductions over short rows several times); on a GPU, and
-    for float16, a reduction that adds in float32 (with TF32 on, a matrix product would
-    round every term to 10 bits)."""
+def row_sums(a, ws, name, weights=None):
+    """(..., 1) row sums of `a`, or of a * weights (weights: a vector over the last axis),
+    in sum_dtype. On the CPU one matrix-vector product a @ ones (or a @ weights: BLAS beats
+    NumPy's reductions over short rows several times); on a GPU, and for float16, a
+    reduction that adds in float32 (with TF32 on, a matrix product would round every term
+    to 10 bits)."""
     xp, acc = get_xp(a), sum_dtype(a.dtype)
     out = ws(name, a.shape[:-1] + (1,), a, acc)
     if xp is not np or acc != a.dtype:
-        return a.sum(axis=-1, keepdims=True, dtype=acc, out=out)
-    np.matmul(a.reshape(-1, a.shape[-1]), ones_vector(a.shape[-1], a.dtype), out=out.reshape(-1))
+        terms = a if weights is None else a * weights
+        return terms.sum(axis=-1, keepdims=True, dtype=acc, out=out)
+    v = ones_vector(a.shape[-1], a.dtype) if weights is None else weights
+    np.matmul(a.reshape(-1, a.shape[-1]), v, out=out.reshape(-1))
     return out
 
 

@@ -209,9 +209,10 @@ def layernorm_backward(dout, cache, ws=FRESH):
     for dout_b, xhat_b, rstd_b, dx_b in row_blocks(dout, xhat, rstd, dx):  # blocks of rows
         tmp = ws("tmp", dout_b.shape, dout)
         db = db + column_sums(dout_b)
-        dw = dw + column_sums(xp.multiply(dout_b, xhat_b, out=tmp))
-        xp.multiply(dout_b, w, out=dx_b)                    # dxhat
-        proj = row_sums(xp.multiply(dx_b, xhat_b, out=tmp), ws, "proj")
+        dout_xhat = xp.multiply(dout_b, xhat_b, out=tmp)
+        dw = dw + column_sums(dout_xhat)
+        proj = row_sums(dout_xhat, ws, "proj", w)           # sum_C dxhat * xhat, dxhat = dout w
+        dx_b = xp.multiply(dout_b, w, out=dx_b)             # dxhat
         dx_b -= row_sums(dx_b, ws, "dmean") * (1.0 / C)
         dx_b -= xp.multiply(xhat_b, proj * (1.0 / C), out=tmp)
         dx_b *= rstd_b
