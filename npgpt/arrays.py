@@ -72,7 +72,7 @@ def blocks(n, item_elements, like):
     """Slices of range(n) (items of item_elements elements each, e.g. rows) holding about
     BLOCK_ELEMENTS elements each; one slice of everything on a GPU (one kernel launch
     per pass is what it wants) or when the n items hold at most WHOLE_ELEMENTS."""
-    if get_xp(like) is not np or n * item_elements <= WHOLE_ELEMENTS:
+    if n * item_elements <= WHOLE_ELEMENTS or get_xp(like) is not np:
         return [slice(0, n)]
     step = max(1, BLOCK_ELEMENTS // item_elements)
     return [slice(i, i + step) for i in range(0, n, step)]
@@ -80,11 +80,15 @@ def blocks(n, item_elements, like):
 
 def row_blocks(*arrays):
     """Blocks of the same rows of `arrays` (each seen as (rows, its last axis); the same
-    number of rows), as tuples of 2-D views, cut by `blocks`. Writes into a view land in
-    the array, so outputs must be contiguous (Workspace arrays are)."""
+    number of rows), as tuples of 2-D views, cut by `blocks`; the arrays themselves, in one
+    tuple, when they stay whole. Writes into a view land in the array, so outputs must be
+    contiguous (Workspace arrays are)."""
+    first = arrays[0]
+    if first.size <= WHOLE_ELEMENTS or get_xp(first) is not np:  # (the common case: cheap)
+        return [arrays]
     flat = [a.reshape(-1, a.shape[-1]) for a in arrays]  # (rows, last axis) each
     rows, width = flat[0].shape
-    return [tuple(f[b] for f in flat) for b in blocks(rows, width, arrays[0])]
+    return [tuple(f[b] for f in flat) for b in blocks(rows, width, first)]
 
 
 def matmul(a, b, out=None):
@@ -121,9 +125,10 @@ def row_sums(a, ws, name, weights=None):
     return out
 
 
-def column_sums(a2):
-    """(C,) column sums of a2 (N, C) in sum_dtype: ones @ a2 by BLAS on the CPU, as
-    row_sums."""
+def column_sums(a):
+    """(C,) column sums of a (..., C), over all its rows, in sum_dtype: ones @ a2 by BLAS
+    on the CPU, as row_sums."""
+    a2 = a.reshape(-1, a.shape[-1])  # (N, C)
     acc = sum_dtype(a2.dtype)
     if get_xp(a2) is not np or acc != a2.dtype:
         return a2.sum(axis=0, dtype=acc)
