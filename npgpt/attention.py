@@ -120,12 +120,15 @@ def attention_forward(qkv, n_head, att_mask=None, ws=FRESH, *, softmax=causal_so
     y = ws("y", (B, T, C3 // 3), qkv)
     y4 = y.reshape(B, T, n_head, -1).transpose(0, 2, 1, 3)  # (B,T,C) -> (B,nh,T,hs) view
     tiles, used, offset = [], [], 0
-    for first, end in bounds:
+    for first, end in bounds:  # each tile's memory, one after another, each contiguous
         shape = (B, n_head, end - first, end)  # queries first..end-1 against keys 0..end-1
         n = math.prod(shape)
-        att_tile = att_memory[offset:offset + n].reshape(shape)
-        used_tile = used_memory[offset:offset + n].reshape(shape)
-        for b in blocks(B, n // B, qkv):  # batch rows whose tile stays in cache throughout
+        tiles.append(att_memory[offset:offset + n].reshape(shape))
+        used.append(used_memory[offset:offset + n].reshape(shape))
+        offset += n
+    # batch rows whose keys, values and tiles stay in cache from one tile to the next
+    for b in blocks(B, size // B, qkv):
+        for (first, end), att_tile, used_tile in zip(bounds, tiles, used):
             att = matmul(qs[b, :, first:end], k[b, :, :end].transpose(0, 1, 3, 2),
                          out=att_tile[b])             # (b,nh,R,K) scores
             softmax(att, ws, first)                   # scores -> causal softmax weights
@@ -133,9 +136,6 @@ def attention_forward(qkv, n_head, att_mask=None, ws=FRESH, *, softmax=causal_so
                 att, att_mask[b, :, first:end, :end], out=used_tile[b])
             # (b,nh,R,K) @ (b,nh,K,hs) written straight into y's (B,T,nh,hs) layout
             matmul(a, v[b, :, :end], out=y4[b, :, first:end])
-        tiles.append(att_tile)
-        used.append(used_tile)
-        offset += n
     return y, AttentionCache(qs, k, v, tiles, used, att_mask, scale, y)
 
 
@@ -165,21 +165,19 @@ def attention_backward(dy, cache, ws=FRESH, *, softmax_backward=causal_softmax_b
     dq, dk, dv = _split_heads(dqkv, nh)  # views of dqkv as heads, written in place
     dy_y = xp.multiply(dy, y, out=ws("dy_y", y.shape, dy)).reshape(B, T, nh, hs)
     rowdot = row_sums(dy_y, ws, "rowdot").transpose(0, 2, 1, 3)  # dy_i . y_i, (B,nh,T,1)
-    ds_memory = ws("tmp", (sum(t.size for t in tiles),), dy)
     share = ws("share", qs.shape, dy) if len(tiles) > 1 else None  # an earlier tile's dv, dk
-    offset = 0
-    for att_tile, used_tile in zip(reversed(tiles), reversed(used)):  # keys 0..T-1 first
-        R, K = att_tile.shape[-2:]
-        first = K - R
-        ds_tile = ds_memory[offset:offset + att_tile.size].reshape(att_tile.shape)
-        offset += att_tile.size
-        for b in blocks(B, att_tile.size // B, dy):  # batch rows, as in the forward
+    for b in blocks(B, sum(t.size for t in tiles) // B, dy):  # batch rows, as in the forward
+        # the last tile (keys 0..T-1) first: it writes dv and dk, the others add to them
+        for att_tile, used_tile in zip(reversed(tiles), reversed(used)):
+            R, K = att_tile.shape[-2:]
+            first = K - R
             att, a, dy_t = att_tile[b], used_tile[b], dy4[b, :, first:K]  # dy_t (b,nh,R,hs)
             to_dv, to_dk = (dv[b], dk[b]) if K == T else (share[b, :, :K], share[b, :, :K])
             matmul(a.transpose(0, 1, 3, 2), dy_t, out=to_dv)      # (4) dv = a^T dy
             if K < T:
                 dv[b, :, :K] += to_dv
-            ds = matmul(dy_t, v[b, :, :K].transpose(0, 1, 3, 2), out=ds_tile[b])  # (4) da
+            ds = matmul(dy_t, v[b, :, :K].transpose(0, 1, 3, 2),
+                        out=ws("tmp", att.shape, dy))                # (4) da, (b,nh,R,K)
             softmax_backward(ds, att, rowdot[b, :, first:K],
                              None if att_mask is None else att_mask[b, :, first:K, :K])
             matmul(ds, k[b, :, :K], out=dq[b, :, first:K])      # (1) dq = ds k * scale
