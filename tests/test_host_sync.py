@@ -9,6 +9,7 @@ stand_in_gpu.py, whose arrays raise on any read back to the host.
 import numpy as np
 import pytest
 
+from npgpt import attention
 from npgpt.trainconfig import PRESETS, TrainConfig
 from npgpt.training import Trainer
 from stand_in_gpu import DeviceArray, HostRead, install, no_host_reads
@@ -89,13 +90,16 @@ def test_the_gpu_branches_compute_what_the_cpu_ones_do(monkeypatch, tmp_path, co
                                rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("fused,dtype", [(False, "float32"), (True, "float32"),
-                                         (False, "float16")])
-def test_resume_on_the_gpu_is_bit_identical(monkeypatch, tmp_path, corpus, fused, dtype):
+@pytest.mark.parametrize("fused,dtype,tile", [(False, "float32", None), (True, "float32", None),
+                                              (False, "float16", None), (False, "float32", 8)])
+def test_resume_on_the_gpu_is_bit_identical(monkeypatch, tmp_path, corpus, fused, dtype, tile):
     """Ctrl-C or a crash, then --resume, on the GPU's code paths: the same bits as a run
     that was never interrupted. (On a real GPU this needs every sum in a fixed order: the
-    stand-in's add.at raises, so the embedding's gradient cannot fall back to atomics.)"""
+    stand-in's add.at raises, so the embedding's gradient cannot fall back to atomics.)
+    tile 8: the plain path's attention in query tiles of 8 on the context of 32."""
     install(monkeypatch, fused=fused)
+    if tile:
+        monkeypatch.setitem(attention.attention_forward.__kwdefaults__, "tile", tile)
     cfg = dict(dropout=0.1, max_iters=8, batch_size=4, eval_iters=1, device="gpu", dtype=dtype)
     straight = Trainer(tiny(tmp_path / "a", corpus, **cfg), progress=False, out=lambda *_: None)
     straight.run()
