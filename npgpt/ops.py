@@ -179,8 +179,10 @@ def layernorm_forward(x, w, b, eps=1e-5, ws=FRESH):
         mean = row_sums(xb, ws, "mean")
         mean *= inv_c                                       # (rows, 1)
         xp.subtract(xb, mean, out=xhat_b)                   # x - mean, scaled below
-        # (x - mean)^2; float16 squares overflow past 256, so theirs are float32
-        sq = xp.multiply(xhat_b, xhat_b, out=ws("sq", xb.shape, x, acc), dtype=acc)
+        # (x - mean)^2 in out's memory, written below; float16 squares overflow past 256,
+        # so theirs are float32, in memory of their own
+        sq = out_b if acc == x.dtype else ws("sq", xb.shape, x, acc)
+        xp.multiply(xhat_b, xhat_b, out=sq, dtype=acc)
         var = row_sums(sq, ws, "var")
         var *= inv_c                                        # biased variance, as PyTorch
         rstd_b[...] = 1.0 / (var + eps) ** 0.5
