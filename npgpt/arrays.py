@@ -83,12 +83,12 @@ def row_blocks(*arrays):
     number of rows), as tuples of 2-D views, cut by `blocks`; the arrays themselves, in one
     tuple, when they stay whole. Writes into a view land in the array, so outputs must be
     contiguous (Workspace arrays are)."""
-    first = arrays[0]
-    if first.size <= WHOLE_ELEMENTS or get_xp(first) is not np:  # (the common case: cheap)
+    width = arrays[0].shape[-1]
+    cuts = blocks(arrays[0].size // width, width, arrays[0])
+    if len(cuts) == 1:  # (the common case: no reshapes, no views)
         return [arrays]
     flat = [a.reshape(-1, a.shape[-1]) for a in arrays]  # (rows, last axis) each
-    rows, width = flat[0].shape
-    return [tuple(f[b] for f in flat) for b in blocks(rows, width, first)]
+    return [tuple(f[b] for f in flat) for b in cuts]
 
 
 def matmul(a, b, out=None):
