@@ -66,20 +66,26 @@ PROFILE_STEPS = {"tiny": 20, "small": 10, "lecture": 3, "gpt2-ft": 3}  # --profi
 HP = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
 
+def attention_flops(cfg, rows):
+    """Forward FLOPs of attention's two products over `rows` batch rows, where a causal
+    model needs them: the T (T + 1) / 2 (query, key) pairs at or below the diagonal,
+    2 hs FLOPs each for q.k and as many for the weights times v, per head and layer."""
+    T, hs = cfg.block_size, cfg.n_embd // cfg.n_head
+    return 2 * 2 * hs * (T * (T + 1) // 2) * rows * cfg.n_head * cfg.n_layer
+
+
 def causal_floor(cfg, B, n_workers):
     """The matrix products one step needs, per worker (worker 0's rows, the larger share;
     the workers run side by side), at the sgemm rate measured here with a worker's BLAS
     threads: (GFLOP, ms at that rate, rate in GFLOP/s). Counted: every linear layer and the
     tied head, forward (2 N Cin Cout) and backward (twice that), and attention's two
-    products only where a causal model needs them: the T (T + 1) / 2 (query, key) pairs at
-    or below the diagonal, 2 hs FLOPs each for q.k and as many for the weights times v."""
+    products only where a causal model needs them (attention_flops)."""
     from threadpoolctl import threadpool_limits
-    T, C, V, nh = cfg.block_size, cfg.n_embd, cfg.vocab_size, cfg.n_head
+    T, C, V = cfg.block_size, cfg.n_embd, cfg.vocab_size
     rows = -(-B // n_workers)
     N = rows * T
     linears = 2 * N * (C * 3 * C + C * C + C * 4 * C + 4 * C * C) * cfg.n_layer + 2 * N * C * V
-    attention = 2 * 2 * (C // nh) * (T * (T + 1) // 2) * rows * nh * cfg.n_layer
-    gflop = 3e-9 * (linears + attention)  # forward + backward (two products per product)
+    gflop = 3e-9 * (linears + attention_flops(cfg, rows))  # forward + backward (two per product)
     with threadpool_limits(max(1, os.cpu_count() // n_workers) if n_workers > 1 else None,
                            user_api="blas"):
         rate = common.sgemm_rate(N, C, 4 * C)
@@ -292,7 +298,7 @@ def profile(name, steps, workers="auto"):
     cfg, B = CONFIGS[name]
     model, opt, step = make_npgpt(cfg, workers=workers)
     n_workers = resolve_workers(workers, B, "cpu", cfg.block_size * cfg.n_embd)
-    T, C, V, nh = cfg.block_size, cfg.n_embd, cfg.vocab_size, cfg.n_head
+    T, C, V = cfg.block_size, cfg.n_embd, cfg.vocab_size
     rows = -(-B // n_workers)  # worker 0's rows (the larger share)
     N = rows * T
     acc = {}
@@ -323,8 +329,7 @@ def profile(name, steps, workers="auto"):
     wrap_layer(model.embedding, "embedding")
     wrap_layer(model.head, "tied head")
     flops["tied head"] = 2e-9 * N * C * V
-    flops["attention (softmax(qk^T)v)"] = (  # the causal half: T (T + 1) / 2 pairs
-        cfg.n_layer * 4e-9 * rows * nh * (T * (T + 1) // 2) * (C // nh))
+    flops["attention (softmax(qk^T)v)"] = 1e-9 * attention_flops(cfg, rows)  # causal pairs
     for op, kind in (("attention", "attention (softmax(qk^T)v)"), ("gelu", "gelu"),
                      ("cross_entropy", "cross-entropy")):
         setattr(ops, op + "_forward", timed((kind, "fwd"), getattr(ops, op + "_forward")))
@@ -351,26 +356,24 @@ def profile(name, steps, workers="auto"):
           f"{'GFLOP':>7s} {'GFLOP/s':>8s} {'of sgemm':>8s}")
     kinds = sorted({k for k, _ in med},
                    key=lambda k: -sum(v for (kk, _), v in med.items() if kk == k))
-    mm_ms = mm_flops = 0.0
+    mm_ms = 0.0
     for kind in kinds:
         f = med.get((kind, "fwd"), 0.0)
         b = med.get((kind, "bwd"), 0.0) + med.get((kind, "step"), 0.0)
         line = f"   {kind:28s} {f:8.2f} {b:8.2f} {100 * (f + b) / total:5.1f}%"
         if kind in flops:
             gf = 3 * flops[kind]
-            mm_ms, mm_flops = mm_ms + f + b, mm_flops + gf
+            mm_ms += f + b
             rate_here = gf / (f + b) * 1e3
             line += f" {gf:7.2f} {rate_here:8.0f} {100 * rate_here / rate:7.0f}%"
         print(line)
     other = total - sum(med.values())
     print(f"   {'other (residual adds, glue)':28s} {other:8.2f} {'':8s} "
           f"{100 * other / total:5.1f}%")
-    print(f"   matrix products: {mm_flops:.1f} GFLOP, {mm_flops / rate * 1e3:.1f} ms at the sgemm "
-          f"rate; the layers that hold them took {mm_ms:.1f} ms "
-          f"(attention's figure includes its softmax; it counts the causal half)")
-    print(f"   causal floor: {gflop:.1f} GFLOP per worker (attention's scores at or below the "
-          f"diagonal only) = {floor_ms:.1f} ms at {rate:.0f} GFLOP/s; the step took "
-          f"{total:.1f} ms: {total / floor_ms:.2f}x the floor")
+    print(f"   causal floor: {gflop:.1f} GFLOP of matrix products per worker (attention's "
+          f"scores at or below the diagonal only) = {floor_ms:.1f} ms at {rate:.0f} GFLOP/s; "
+          f"the layers that hold them took {mm_ms:.1f} ms (attention's with its softmax), "
+          f"the step {total:.1f} ms: {total / floor_ms:.2f}x the floor")
 
 
 def main():
