@@ -25,6 +25,13 @@ def steps_logged(folder, n):
     return log.exists() and log.read_text().count('"loss"') >= n
 
 
+def use_tiles(monkeypatch, tile):
+    """Make `tile` the default query tile of attention_forward (the layers use the
+    default), for this test."""
+    from npgpt import attention
+    monkeypatch.setitem(attention.attention_forward.__kwdefaults__, "tile", tile)
+
+
 def shared_data_dir():
     """$NPGPT_DATA_DIR, else ../shared/data beside the checkout, else None."""
     for candidate in (os.environ.get("NPGPT_DATA_DIR"), ROOT.parent / "shared" / "data"):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import stand_in_gpu
+from conftest import use_tiles
 from npgpt import GPT, GPTConfig, arrays, attention, ops, reference
 from npgpt.arrays import Workspace
 from npgpt.attention import query_tiles
@@ -12,11 +13,6 @@ from npgpt.backend import to_numpy
 from npgpt.gradcheck import check_op
 
 rng = np.random.default_rng(0)
-
-
-def use_tiles(monkeypatch, tile):
-    """Make `tile` the default tile of attention_forward (the layers use the default)."""
-    monkeypatch.setitem(attention.attention_forward.__kwdefaults__, "tile", tile)
 
 
 def inputs(B, T, nh, hs, dropout, xp=np):

@@ -9,7 +9,7 @@ stand_in_gpu.py, whose arrays raise on any read back to the host.
 import numpy as np
 import pytest
 
-from npgpt import attention
+from conftest import use_tiles
 from npgpt.trainconfig import PRESETS, TrainConfig
 from npgpt.training import Trainer
 from stand_in_gpu import DeviceArray, HostRead, install, no_host_reads
@@ -99,7 +99,7 @@ def test_resume_on_the_gpu_is_bit_identical(monkeypatch, tmp_path, corpus, fused
     tile 8: the plain path's attention in query tiles of 8 on the context of 32."""
     install(monkeypatch, fused=fused)
     if tile:
-        monkeypatch.setitem(attention.attention_forward.__kwdefaults__, "tile", tile)
+        use_tiles(monkeypatch, tile)
     cfg = dict(dropout=0.1, max_iters=8, batch_size=4, eval_iters=1, device="gpu", dtype=dtype)
     straight = Trainer(tiny(tmp_path / "a", corpus, **cfg), progress=False, out=lambda *_: None)
     straight.run()

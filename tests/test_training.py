@@ -7,7 +7,8 @@ import warnings
 import numpy as np
 import pytest
 
-from npgpt import attention, load, save
+from conftest import use_tiles
+from npgpt import load, save
 from npgpt.errors import NpgptError
 from npgpt.trainconfig import PRESETS, TrainConfig
 from npgpt.training import Trainer, get_lr
@@ -101,7 +102,7 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, corpus, monkeypatc
                                                     tile):
     """tile 8: attention in query tiles of 8 on the context of 32 (else one tile)."""
     if tile:
-        monkeypatch.setitem(attention.attention_forward.__kwdefaults__, "tile", tile)
+        use_tiles(monkeypatch, tile)
     cfg = dict(dropout=0.1, grad_accum=2, max_iters=16)
     straight = Trainer(tiny(tmp_path / "a", corpus, **cfg), progress=False, out=lambda *_: None)
     straight.run()
