@@ -165,14 +165,16 @@ def attention_backward(dy, cache, ws=FRESH, *, softmax_backward=causal_softmax_b
     dq, dk, dv = _split_heads(dqkv, nh)  # views of dqkv as heads, written in place
     dy_y = xp.multiply(dy, y, out=ws("dy_y", y.shape, dy)).reshape(B, T, nh, hs)
     rowdot = row_sums(dy_y, ws, "rowdot").transpose(0, 2, 1, 3)  # dy_i . y_i, (B,nh,T,1)
-    share = ws("share", qs.shape, dy) if len(tiles) > 1 else None  # an earlier tile's dv, dk
     for b in blocks(B, sum(t.size for t in tiles) // B, dy):  # batch rows, as in the forward
         # the last tile (keys 0..T-1) first: it writes dv and dk, the others add to them
         for att_tile, used_tile in zip(reversed(tiles), reversed(used)):
             R, K = att_tile.shape[-2:]
             first = K - R
             att, a, dy_t = att_tile[b], used_tile[b], dy4[b, :, first:K]  # dy_t (b,nh,R,hs)
-            to_dv, to_dk = (dv[b], dk[b]) if K == T else (share[b, :, :K], share[b, :, :K])
+            if K == T:
+                to_dv, to_dk = dv[b], dk[b]
+            else:  # an earlier tile's share of dv, then of dk, in one buffer
+                to_dv = to_dk = ws("share", dy_t.shape[:2] + (K, hs), dy)
             matmul(a.transpose(0, 1, 3, 2), dy_t, out=to_dv)      # (4) dv = a^T dy
             if K < T:
                 dv[b, :, :K] += to_dv
