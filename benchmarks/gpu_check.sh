@@ -16,8 +16,9 @@
 # step appends its result lines to $OUT/summary.txt (also printed) as soon as it ends:
 #   summary.txt                 environment, then one block per step (read this first)
 #   1_tests.log                 pytest on the GPU cases: tests/test_kernels.py (if present),
-#                               test_backend.py, test_host_sync.py, test_model.py,
-#                               test_mixed.py
+#                               test_backend.py (with a real GPU run of train.py stopped
+#                               by Ctrl-C and resumed, bit for bit), test_host_sync.py,
+#                               test_model.py, test_mixed.py
 #   2a_bench_fp32_fused.log     benchmarks/train_step.py --device gpu --config lecture,
 #   2b_bench_tf32_fused.log       float32 / --tf32 with NPGPT_FUSED=1 (the fused CUDA kernels)
 #   2c_bench_fp32_plain.log       and float32 with NPGPT_FUSED=0 (plain CuPy array code);

@@ -1,6 +1,9 @@
 """Shared fixtures and helpers: small corpora, the shared data folder, waiting on a
 training subprocess."""
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +26,27 @@ def steps_logged(folder, n):
     """Whether folder/out/log.jsonl holds at least n step records."""
     log = folder / "out" / "log.jsonl"
     return log.exists() and log.read_text().count('"loss"') >= n
+
+
+def interrupt_and_resume(folder, args, how, after_steps=60, env=None):
+    """Run `train.py *args` in folder, send it the signal `how` ("sigint", "sigkill", ...)
+    once `after_steps` steps are logged, then finish the run with --resume.
+
+    Returns (proc, stdout, stderr, iter): the interrupted process, its output, and the
+    iteration of the checkpoint it left. The resumed run's checkpoint is folder/out/ckpt.npz.
+    """
+    from npgpt import load
+    env = {**os.environ, **(env or {})}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=folder,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    wait_for(lambda: steps_logged(folder, after_steps) or proc.poll() is not None, "steps")
+    proc.send_signal(getattr(signal, how.upper()))
+    out, err = proc.communicate()
+    _, extra = load(folder / "out" / "ckpt.npz")
+    resumed = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--resume"],
+                             cwd=folder, capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    return proc, out, err, extra["iter"]
 
 
 def use_tiles(monkeypatch, tile):

@@ -1,10 +1,16 @@
 """Device selection: CPU always works; GPU requests fail clearly where there is none;
 and the GPU path matches the NumPy path: on a real GPU (CuPy) where there is one, and
 always on the stand-in GPU of stand_in_gpu.py (NumPy arithmetic, CuPy's code paths)."""
+import os
+import signal
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 import stand_in_gpu
+from conftest import ROOT, interrupt_and_resume, write_corpus
 from npgpt import GPT, AdamW, GPTConfig, clip_grad_norm, load, ops, save
 from npgpt.backend import auto_device_note, gpu_available, resolve_device, to_numpy
 from npgpt.errors import NpgptError
@@ -98,3 +104,29 @@ def test_the_gpu_embedding_gradient_needs_no_atomics(monkeypatch):
         assert type(g) is stand_in_gpu.DeviceArray
         np.testing.assert_allclose(g.view(np.ndarray), w, rtol=1e-12, atol=1e-12)
     assert np.all(got[0][6:].view(np.ndarray) == 0.0)
+
+
+@pytest.mark.parametrize("fused", ["0", "1"])
+@pytest.mark.skipif(not gpu_available(), reason="no CuPy-visible NVIDIA GPU here (test_cli "
+                    "runs the same interruption on the CPU)")
+def test_a_real_gpu_run_stopped_by_ctrl_c_resumes_bit_identically(tmp_path, fused):
+    """python train.py --device gpu, Ctrl-C mid-way, --resume: the same bits as a run that
+    was never interrupted (every sum on the GPU in a fixed order, the dropout stream saved)."""
+    corpus = write_corpus(tmp_path)
+    args = ["--preset", "tiny", "--device", "gpu", "--max-iters", "400", "--eval-interval",
+            "100", "--eval-iters", "1", "--log-interval", "1", "--dropout", "0.1",
+            "--data", str(corpus)]
+    env = {"NPGPT_FUSED": fused}
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+    straight = subprocess.run([sys.executable, str(ROOT / "train.py"), *args],
+                              cwd=tmp_path / "a", capture_output=True, text=True,
+                              env={**os.environ, **env})
+    assert straight.returncode == 0, straight.stderr
+    proc, out, err, it = interrupt_and_resume(tmp_path / "b", args, "sigint", after_steps=150,
+                                              env=env)
+    assert 100 <= it < 400, "the run must be interrupted mid-way for this test"
+    assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err, err
+    assert f"interrupted by SIGINT at iteration {it}; checkpoint saved" in out, out
+    a, b = (load(tmp_path / run / "out" / "ckpt.npz")[0].params.flat for run in ("a", "b"))
+    np.testing.assert_array_equal(b, a)

@@ -9,7 +9,7 @@ import pytest
 
 from npgpt import load
 
-from conftest import ROOT, shared_data_dir, steps_logged, wait_for, write_corpus
+from conftest import ROOT, interrupt_and_resume, shared_data_dir, write_corpus
 
 TINY = ["--preset", "tiny", "--max-iters", "12", "--eval-interval", "6", "--eval-iters", "2"]
 
@@ -106,18 +106,11 @@ def test_interrupted_process_resumes_bit_identically(tmp_path, uninterrupted, ho
     terminal's SIGHUP save one at the current iteration and exit with 128 + the signal."""
     args, straight = uninterrupted
     (tmp_path / "b").mkdir()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path / "b",
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: steps_logged(tmp_path / "b", 60) or proc.poll() is not None, "steps")
-    sent = getattr(signal, how.upper())
-    proc.send_signal(sent)
-    out, err = proc.communicate()
-    _, extra = load(tmp_path / "b" / "out" / "ckpt.npz")
-    assert 50 <= extra["iter"] < 300, "the run must be interrupted mid-way for this test"
+    proc, out, err, it = interrupt_and_resume(tmp_path / "b", args, how)
+    assert 50 <= it < 300, "the run must be interrupted mid-way for this test"
     if how != "sigkill":
+        sent = getattr(signal, how.upper())
         assert proc.returncode == 128 + sent and "Traceback" not in err, err
-        assert f"interrupted by {how.upper()} at iteration {extra['iter']}; checkpoint saved" \
-            in out, out
-    run("train.py", *args, "--resume", cwd=tmp_path / "b")
+        assert f"interrupted by {how.upper()} at iteration {it}; checkpoint saved" in out, out
     b, _ = load(tmp_path / "b" / "out" / "ckpt.npz")
     np.testing.assert_array_equal(b.params.flat, straight)
