@@ -26,13 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from . import ops
-from .arrays import FRESH, column_sums
+from .arrays import FRESH
 from .backend import get_xp
 
 SOURCE = Path(__file__).with_name("kernels.cu")
 WARPS = 4            # row kernels: warps (rows) per block of 128 threads
 THREADS = 256        # flat kernels: threads per block
 MAX_BLOCKS = 1 << 16  # flat kernels loop over the rest (grid-stride)
+COLUMN_CHUNK = 32    # column_sums: rows per partial sum (8192 rows: 3 launches)
 
 
 def requested():
@@ -80,6 +81,30 @@ def _contiguous(a):
 
 
 # ----------------------------------------------------------------------------
+# column sums (the gradients of biases and LayerNorm weights)
+
+
+def column_sums(a):
+    """arrays.column_sums as a tree of kernel launches: (C,) column sums of a (..., C).
+    Each launch sums chunks of COLUMN_CHUNK rows, in row order, into a new matrix of one
+    row per chunk, until one row is left (8192 rows: 256, 8, 1)."""
+    xp = get_xp(a)
+    a2 = _contiguous(a.reshape(-1, a.shape[-1]))  # (N, C)
+    N, C = a2.shape
+    while True:
+        part = xp.empty((math.ceil(N / COLUMN_CHUNK), C), dtype=a2.dtype)  # (chunks, C)
+        _flat("column_sums", xp, part.size, a2, part, np.int64(N), np.int32(C),
+              np.int32(COLUMN_CHUNK))
+        if part.shape[0] == 1:
+            return part.reshape(C)
+        a2, N = part, part.shape[0]
+
+
+# the linear layers' bias gradient by the kernel above; the products stay cuBLAS's
+linear_backward = functools.partial(ops.linear_backward, column_sums=column_sums)
+
+
+# ----------------------------------------------------------------------------
 # LayerNorm
 
 
@@ -96,7 +121,7 @@ def layernorm_forward(x, w, b, eps=1e-5, ws=FRESH):
 
 
 def layernorm_backward(dout, cache, ws=FRESH):
-    """ops.layernorm_backward: dx in one kernel; dw, db as column reductions."""
+    """ops.layernorm_backward: dx in one kernel; dw, db by column_sums."""
     xhat, rstd, w = cache
     xp, dout = get_xp(dout), _contiguous(dout)
     C = xhat.shape[-1]
@@ -198,7 +223,8 @@ def cross_entropy_backward(dloss, cache, ws=FRESH):
     return (dlogits.reshape(shape),)
 
 
-FUSED = {"layernorm_forward": layernorm_forward, "layernorm_backward": layernorm_backward,
+FUSED = {"linear_backward": linear_backward,
+         "layernorm_forward": layernorm_forward, "layernorm_backward": layernorm_backward,
          "gelu_forward": gelu_forward, "gelu_backward": gelu_backward,
          "attention_forward": attention_forward, "attention_backward": attention_backward,
          "cross_entropy_forward": cross_entropy_forward,

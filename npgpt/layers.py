@@ -21,9 +21,10 @@ residual branches' outputs are read right away into the residual stream, so both
 layers of every block write their forward results into scratch["residual"], and each
 block adds them into the stream in place.
 
-The layers with a fused GPU kernel (LayerNorm, attention, the MLP's GELU) call their op
-through `self.ops`: npgpt.ops itself, or kernels.fused_ops's table, which the model
-chooses once (see kernels.py); the others call npgpt.ops directly.
+The layers with a fused GPU kernel (LayerNorm, attention, the MLP's GELU, the linear
+layers' bias gradient) call their op through `self.ops`: npgpt.ops itself, or
+kernels.fused_ops's table, which the model chooses once (see kernels.py); the others call
+npgpt.ops directly.
 """
 from . import ops
 from .arrays import Workspace
@@ -32,18 +33,19 @@ from .arrays import Workspace
 class Linear:
     """y = x @ W + b, W of shape (in, out) as Hugging Face GPT-2's Conv1D."""
 
-    def __init__(self, params, grads, name, scratch=None, ws=None):
+    def __init__(self, params, grads, name, scratch=None, ws=None, ops=ops):
         self.w, self.b = params[name + ".weight"], params[name + ".bias"]
         self.dw, self.db = grads[name + ".weight"], grads[name + ".bias"]
         self.scratch = scratch or Workspace()
         self.ws = ws or self.scratch.new()
+        self.ops = ops
 
     def forward(self, x):
-        out, self.cache = ops.linear_forward(x, self.w, self.b, self.ws)
+        out, self.cache = self.ops.linear_forward(x, self.w, self.b, self.ws)
         return out
 
     def backward(self, dout):
-        dx, dw, db = ops.linear_backward(dout, self.cache, self.scratch)
+        dx, dw, db = self.ops.linear_backward(dout, self.cache, self.scratch)
         self.dw += dw
         self.db += db
         return dx
@@ -94,9 +96,9 @@ class CausalSelfAttention:
     """qkv = c_attn(x) (C -> 3C); y = attention(qkv); out = dropout(c_proj(y))."""
 
     def __init__(self, params, grads, name, n_head, dropout, rng, scratch, ops=ops):
-        self.c_attn = Linear(params, grads, name + ".c_attn", scratch["linear"])
+        self.c_attn = Linear(params, grads, name + ".c_attn", scratch["linear"], ops=ops)
         self.c_proj = Linear(params, grads, name + ".c_proj", scratch["linear"],
-                             scratch["residual"])
+                             scratch["residual"], ops)
         self.resid_dropout = Dropout(dropout, rng)
         self.n_head, self.p, self.rng, self.ops = n_head, dropout, rng, ops
         self.ws, self.scratch = scratch["core"].new(), scratch["core"]
@@ -123,9 +125,9 @@ class MLP:
     """out = dropout(c_proj(gelu(c_fc(x)))), C -> 4C -> C."""
 
     def __init__(self, params, grads, name, dropout, rng, scratch, ops=ops):
-        self.c_fc = Linear(params, grads, name + ".c_fc", scratch["linear"])
+        self.c_fc = Linear(params, grads, name + ".c_fc", scratch["linear"], ops=ops)
         self.c_proj = Linear(params, grads, name + ".c_proj", scratch["linear"],
-                             scratch["residual"])
+                             scratch["residual"], ops)
         self.dropout = Dropout(dropout, rng)
         self.ops, self.ws, self.scratch = ops, scratch["core"].new(), scratch["core"]
 

@@ -123,12 +123,12 @@ def linear_forward(x, w, b, ws=FRESH):
     return out.reshape(*x.shape[:-1], w.shape[1]), LinearCache(x, w)  # (..., Cout)
 
 
-def linear_backward(dout, cache, ws=FRESH):
+def linear_backward(dout, cache, ws=FRESH, *, column_sums=column_sums):
     """forward: out = x @ w + b
     dx = dout @ w.T          (each x[n, i] meets w[i, :] in every output of row n)
     dw = x.T @ dout          (summed over all positions n)
     db = sum_n dout[n]       (b is broadcast over positions)
-    Textbook version: reference.linear_backward.
+    column_sums: kernels.py passes its fused one. Textbook version: reference.linear_backward.
     """
     x, w = cache
     dout2 = dout.reshape(-1, dout.shape[-1])  # (N, Cout)

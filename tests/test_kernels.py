@@ -67,6 +67,40 @@ def test_layernorm(xp, shape):
         assert_matches(got, want)
 
 
+def tree_of_column_sums(a, chunk):
+    """kernels.column_sums's order in NumPy float32: each chunk's rows added in row order,
+    level after level."""
+    while True:
+        parts = np.zeros((-(-a.shape[0] // chunk), a.shape[1]), dtype=np.float32)
+        for r in range(a.shape[0]):
+            parts[r // chunk] += a[r]
+        if parts.shape[0] == 1:
+            return parts[0]
+        a = parts
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (33, 5), (1000, 37), (4, 3, 384), (2, 4096, 3)])
+def test_column_sums(xp, monkeypatch, shape):
+    monkeypatch.setattr(kernels, "MAX_BLOCKS", 3)  # the stride loop
+    a = f32(xp, rng.standard_normal(shape) * 3 + 1)
+    got = kernels.column_sums(a)
+    a2 = to_numpy(a).reshape(-1, shape[-1])
+    assert_matches(got, a2.astype(np.float64).sum(axis=0))
+    # the same bits as the tree it documents: an order fixed by the shape alone
+    np.testing.assert_array_equal(to_numpy(got), tree_of_column_sums(a2, kernels.COLUMN_CHUNK))
+
+
+def test_linear_backward(xp):
+    x, w, b = (f32(xp, rng.standard_normal(s)) for s in ((3, 70, 12), (12, 20), (20,)))
+    dout = f32(xp, rng.standard_normal((3, 70, 20)))
+    _, cache = ops.linear_forward(x, w, b)
+    _, ref_cache = ops.linear_forward(as64(x), as64(w), as64(b))
+    for got, want in zip(kernels.linear_backward(dout, cache),
+                         ops.linear_backward(as64(dout), ref_cache)):
+        assert got.shape == want.shape
+        assert_matches(got, want)
+
+
 def test_gelu(xp, monkeypatch):
     monkeypatch.setattr(kernels, "MAX_BLOCKS", 2)  # 1001 elements > 2 blocks: the stride loop
     x = f32(xp, np.concatenate([rng.standard_normal(990) * 3, [-12, -6, -1e-3, 0, 1e-3, 6, 12,
