@@ -1,15 +1,18 @@
-"""Batched float16 matrix products on a GPU: does CuPy's batched float16 matmul pay?
+"""Batched matrix products on a GPU: npgpt's (cuBLAS direct, npgpt/gemm.py) against CuPy's.
 
-Issue 17 notes that CuPy's batched (3-D and more) float16 products may be computed by
-upcasting to float32, which would cost float16 its speed in attention (q k^T and att v are
-products over B x nh matrices). This times, for the attention products of a config, on
-CuPy: float32 batched, float16 batched, and float16 as one 2-D product per (batch, head);
-PyTorch's float16 bmm on the same GPU is the reference. One line per product.
+Attention multiplies stacks of B x nh matrices (q k^T and att v). CuPy's batched matmul
+multiplies float32 without TF32 and float16 by way of float32 copies (issue 17; measured
+on an H200: float16 at 11 TFLOP/s, a tenth of PyTorch's bmm). npgpt's matmul hands such
+stacks to cublasGemmStridedBatchedEx itself. This times, for the attention products of a
+config: npgpt float32, npgpt float32 with TF32, npgpt float16, CuPy's float32 and float16
+batched matmul, and PyTorch's float16 bmm on the same GPU as the reference. One line per
+product.
 
     python benchmarks/gpu_products.py                    # lecture: B 64, nh 6, T 256, hs 64
     python benchmarks/gpu_products.py --device cpu       # dry run with NumPy, tiny shapes
 """
 import argparse
+import os
 import time
 
 import common  # noqa: F401 - the repository on sys.path
@@ -56,14 +59,23 @@ def main():
         a16, b16 = a32.astype(xp.float16), b32.astype(xp.float16)
         out16 = xp.empty((sa[0], sa[1], sb[2]), dtype=xp.float16)
 
-        def per_matrix():
-            for i in range(sa[0]):
-                ops.matmul(a16[i], b16[i], out=out16[i])
+        def tf32():
+            before = os.environ.get("CUPY_TF32")
+            os.environ["CUPY_TF32"] = "1"  # read by npgpt's batched products at each call
+            try:
+                return ops.matmul(a32, b32)
+            finally:
+                if before is None:
+                    del os.environ["CUPY_TF32"]
+                else:
+                    os.environ["CUPY_TF32"] = before
 
-        ms = {"float32 batched": timed(lambda: ops.matmul(a32, b32), sync, args.repeats),
-              "float16 batched": timed(lambda: ops.matmul(a16, b16, out=out16), sync,
-                                       args.repeats),
-              f"float16, {sa[0]} 2-D products": timed(per_matrix, sync, max(1, args.repeats // 4))}
+        ms = {"npgpt float32": timed(lambda: ops.matmul(a32, b32), sync, args.repeats),
+              "npgpt TF32": timed(tf32, sync, args.repeats),
+              "npgpt float16": timed(lambda: ops.matmul(a16, b16, out=out16), sync,
+                                     args.repeats),
+              "CuPy float32": timed(lambda: xp.matmul(a32, b32), sync, args.repeats),
+              "CuPy float16": timed(lambda: xp.matmul(a16, b16), sync, args.repeats)}
         if torch is not None and torch.cuda.is_available():
             ta = torch.as_tensor(np.asarray(a16.get()), device="cuda")
             tb = torch.as_tensor(np.asarray(b16.get()), device="cuda")
@@ -74,7 +86,7 @@ def main():
         err = float(xp.abs(ops.matmul(a16, b16) - exact).max() / xp.abs(exact).max())
         print(f"{name} {sa} @ {sb}: " + ", ".join(
             f"{k} {v:.3f} ms ({flops / v / 1e9:.1f} TFLOP/s)" for k, v in ms.items())
-            + f"; float16 batched max error {err:.1e} of the largest entry")
+            + f"; npgpt float16 max error {err:.1e} of the largest entry")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,11 @@ NumPy's arithmetic. What it cannot see: np.asarray() of a subclass is a plain vi
 CuPy would raise. install(monkeypatch, fused=True) also runs npgpt's fused CUDA kernels,
 compiled by g++ against the CUDA emulator of emulated_cuda.py. Its `add.at` raises: on a
 GPU it adds with atomics, in no fixed order, so a resumed run would differ in the last bits.
+Its `cuda.cublas.gemmStridedBatchedEx` reads and writes NumPy memory through the raw
+pointers it is handed (DeviceArray.data.ptr), with cuBLAS's column-major conventions.
 """
 import contextlib
+import ctypes
 import types
 
 import numpy as np
@@ -43,6 +46,11 @@ class DeviceArray(np.ndarray):
         """A NumPy copy, as cupy.ndarray.get()."""
         return np.array(self.view(np.ndarray))
 
+    @property
+    def data(self):
+        """As cupy.ndarray.data: .ptr is the address of the first element."""
+        return types.SimpleNamespace(ptr=self.__array_interface__["data"][0])
+
 
 def _host_read(name):
     def read(self, *args, **kwargs):
@@ -72,10 +80,50 @@ class _AddWithoutAt:
                         "result's last bits vary from run to run")
 
 
+def _matrices(ptr, dtype, trans, rows, cols, ld, stride, count):
+    """The `count` matrices op(X) of shape (rows, cols) that cuBLAS reads at address ptr:
+    stored column-major with leading dimension ld, `stride` elements apart; op(X) = X
+    for OP_N (element (r, c) at r + c ld), X^T for OP_T (element (r, c) at c + r ld)."""
+    item = dtype.itemsize
+    step_r, step_c = (1, ld) if trans == 0 else (ld, 1)
+    assert trans in (0, 1) and ld >= (rows if trans == 0 else cols), (trans, rows, cols, ld)
+    size = (count - 1) * stride + (rows - 1) * step_r + (cols - 1) * step_c + 1  # elements
+    memory = np.frombuffer((ctypes.c_char * (size * item)).from_address(ptr), dtype=dtype)
+    return np.lib.stride_tricks.as_strided(
+        memory, (count, rows, cols), (stride * item, step_r * item, step_c * item))
+
+
+class EmulatedCublas:
+    """cupy_backends.cuda.libs.cublas's gemmStridedBatchedEx, computed by NumPy on the
+    memory the pointers address: C = op(A) op(B) per batch, float32 sums, rounded to
+    C's type once. `calls` records each call's compute type."""
+    TYPES = {0: np.dtype(np.float32), 2: np.dtype(np.float16)}  # CUDA_R_32F, CUDA_R_16F
+
+    def __init__(self):
+        self.calls = []
+
+    def gemmStridedBatchedEx(self, handle, transa, transb, m, n, k, alpha, A, Atype, lda,
+                             strideA, B, Btype, ldb, strideB, beta, C, Ctype, ldc, strideC,
+                             count, compute, algo):
+        assert Atype == Btype == Ctype and compute in (68, 77) and algo == -1
+        one = ctypes.c_float.from_address(alpha).value, ctypes.c_float.from_address(beta).value
+        assert one == (1.0, 0.0)
+        self.calls.append(compute)
+        dtype = self.TYPES[Atype]
+        a = _matrices(A, dtype, transa, m, k, lda, strideA, count)
+        b = _matrices(B, dtype, transb, k, n, ldb, strideB, count)
+        c = _matrices(C, dtype, 0, m, n, ldc, strideC, count)
+        c[...] = np.matmul(a.astype(np.float32), b.astype(np.float32))
+
+
 class FakeCuPy:
     """NumPy, except that the arrays it creates are DeviceArrays."""
     ndarray = DeviceArray
     add = _AddWithoutAt()
+
+    def __init__(self):
+        self.cuda = types.SimpleNamespace(cublas=EmulatedCublas(), get_cublas_handle=lambda: 0)
+
     RawModule = emulated_cuda.RawModule  # kernels compiled by g++ (install(fused=True))
     random = types.SimpleNamespace(  # CuPy 14's signatures: Philox4x3210(seed, *, size)
         Generator=np.random.Generator,

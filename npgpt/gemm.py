@@ -1,0 +1,106 @@
+"""Batched matrix products on a GPU, straight through cuBLAS (arrays.matmul calls this).
+
+Attention multiplies stacks of matrices: (B,nh,T,hs) @ (B,nh,hs,T) and the like, where
+q, k, v and their gradients are strided views into the fused (B,T,3C) arrays and some
+operands are transposed views. CuPy's batched matmul (cupy 14) copies every operand that
+is not C-contiguous, writes into a temporary when `out` is a view, and multiplies in
+plain float32 even with TF32 on (and float16 by way of float32 copies): on an H200 the
+profile of a TF32 lecture step showed its float32 batched products (3.4 ms) and CuPy's
+copies (4.2 ms) beside 4.8 ms for all the linear layers' TF32 products.
+
+cublasGemmStridedBatchedEx reads each matrix through a leading dimension and a
+transpose flag, so the views go in as they are:
+- cuBLAS is column-major. A row-major (m, n) matrix with row stride ld is, to cuBLAS, its
+  transpose (n, m) with leading dimension ld. So C = A B (row-major) is asked for as
+  C^T = B^T A^T: cuBLAS's first operand is B, its second A, its m and n are our n and m.
+- An operand whose last axis has unit stride is row-major (cuBLAS sees its transpose:
+  flag N); one whose second-to-last axis has unit stride is a transposed view (flag T).
+- The batch axes (B, nh) become one cuBLAS batch where every operand's strides allow
+  it; otherwise the largest axis is the batch and a Python loop runs over the others
+  (q's view of (B,T,3C): 64 batches of rows, one launch per head).
+- float32: CUBLAS_COMPUTE_32F, or _FAST_TF32 when CUPY_TF32 is set (as CuPy decides for
+  its own products; backend.enable_tf32 sets it). float16: float16 in and out, float32
+  sums (tensor cores), as arrays.matmul promises.
+Anything else (float64, broadcast batch shapes, an operand with no unit stride in its
+last two axes) goes to xp.matmul. The test suite's stand-in GPU checks this mapping with
+an emulated cublasGemmStridedBatchedEx that reads NumPy memory through the same pointers.
+"""
+import itertools
+import os
+
+import numpy as np
+
+# cuBLAS and CUDA enum values (cublas_api.h, library_types.h): fixed by NVIDIA's ABI
+OP_N, OP_T = 0, 1
+CUDA_TYPE = {np.dtype(np.float32): 0, np.dtype(np.float16): 2}  # CUDA_R_32F, CUDA_R_16F
+COMPUTE_32F, COMPUTE_32F_FAST_TF32 = 68, 77
+GEMM_DEFAULT = -1
+ONE, ZERO = np.array(1.0, dtype=np.float32), np.array(0.0, dtype=np.float32)  # alpha, beta
+
+
+def _layout(a):
+    """(transpose flag, leading dimension) of the matrix in a's last two axes as cuBLAS
+    reads it (see the module's docstring), or None if neither axis has unit stride."""
+    item, (rows, cols) = a.itemsize, a.shape[-2:]
+    s_row, s_col = a.strides[-2:]
+    if s_col == item or cols == 1:     # row-major: cuBLAS sees the transpose, flag N
+        ld = s_row // item if rows > 1 else cols
+        return (OP_N, ld) if s_row % item == 0 and ld >= cols else None
+    if s_row == item or rows == 1:     # a transposed view: flag T
+        ld = s_col // item if cols > 1 else rows
+        return (OP_T, ld) if s_col % item == 0 and ld >= rows else None
+    return None
+
+
+def _batch_axes(shape, stride_lists):
+    """Merge adjacent batch axes where every operand's strides allow it.
+    Returns [(size, [stride of each operand])], in elements."""
+    axes = []
+    for i, n in enumerate(shape):
+        strides = [s[i] for s in stride_lists]
+        if axes and all(prev == s * n for prev, s in zip(axes[-1][1], strides)):
+            axes[-1] = (axes[-1][0] * n, strides)  # the outer axis steps over this one whole
+        else:
+            axes.append((n, strides))
+    return axes
+
+
+def batched_matmul(xp, a, b, out):
+    """out = a @ b for (..., m, k) @ (..., k, n) on a GPU through cuBLAS, or None when the
+    operands do not fit (the caller then uses xp.matmul). out: a (..., m, n) array whose
+    last axis has unit stride (a view is fine), or None for a new one."""
+    dtype = a.dtype
+    if (dtype not in CUDA_TYPE or b.dtype != dtype or a.ndim < 3 or a.ndim != b.ndim
+            or a.shape[:-2] != b.shape[:-2] or 0 in a.shape or 0 in b.shape):
+        return None
+    m, k = a.shape[-2:]
+    n = b.shape[-1]
+    if out is None:
+        out = xp.empty(a.shape[:-1] + (n,), dtype=dtype)
+    if out.dtype != dtype or out.shape != a.shape[:-1] + (n,):
+        return None
+    lay_a, lay_b, lay_c = _layout(a), _layout(b), _layout(out)
+    if lay_a is None or lay_b is None or lay_c is None or lay_c[0] != OP_N:
+        return None
+    item = dtype.itemsize
+    if any(s % item for x in (a, b, out) for s in x.strides[:-2]):
+        return None
+    axes = _batch_axes(a.shape[:-2], [[s // item for s in x.strides[:-2]] for x in (a, b, out)])
+    inner = max(range(len(axes)), key=lambda i: axes[i][0])  # cuBLAS's batch: the largest
+    count, (stride_a, stride_b, stride_c) = axes[inner]
+    others = [axes[i] for i in range(len(axes)) if i != inner]
+    tf32 = dtype == np.float32 and int(os.environ.get("CUPY_TF32", "0")) > 0
+    compute = COMPUTE_32F_FAST_TF32 if tf32 else COMPUTE_32F
+    cublas, handle, cuda_type = xp.cuda.cublas, xp.cuda.get_cublas_handle(), CUDA_TYPE[dtype]
+    for index in itertools.product(*(range(size) for size, _ in others)):
+        offset = [sum(i * strides[j] for i, (_, strides) in zip(index, others))
+                  for j in range(3)]  # elements, of a, b, out
+        # C^T (n, m) = B^T (n, k) A^T (k, m): cuBLAS's A is our b, its B our a
+        cublas.gemmStridedBatchedEx(
+            handle, lay_b[0], lay_a[0], n, m, k, ONE.ctypes.data,
+            b.data.ptr + offset[1] * item, cuda_type, lay_b[1], stride_b,
+            a.data.ptr + offset[0] * item, cuda_type, lay_a[1], stride_a,
+            ZERO.ctypes.data,
+            out.data.ptr + offset[2] * item, cuda_type, lay_c[1], stride_c,
+            count, compute, GEMM_DEFAULT)
+    return out
