@@ -25,6 +25,9 @@
 #                               each: npgpt against PyTorch eager (SDPA and manual attention)
 #   2d_bench_fp16_fused.log     --dtype float16 (issue 17): npgpt mixed precision and npgpt
 #                               float32 against torch.autocast(float16) + GradScaler
+#   (2e, 2f: lines in summary.txt) benchmarks/gpu_products.py: attention's batched products,
+#                               npgpt's against CuPy's and PyTorch's; benchmarks/gpu_profile.py
+#                               --tf32: the fused TF32 step's GPU time kernel by kernel
 #   3_lecture_train.log         python train.py --preset lecture --device gpu --tf32
 #   3_lecture_log.jsonl         that run's log.jsonl (evals: iter, train_loss, val_loss, ...)
 #   (3_lecture_loss.png         its loss curves, only when fewer than 8 files are there)
@@ -267,6 +270,13 @@ if [ "$RESUME" != 1 ] && [ "$SKIP_BENCH" != 1 ]; then
     prod=$(timeout -k 5 60 "$PY" benchmarks/gpu_products.py --device "$DEVICE" 2>&1 | tail -n 4)
     note "[2e] benchmarks/gpu_products.py --device $DEVICE (wall $((SECONDS - t))s):"
     echo "$prod" | sed 's/^/[2e]   /' | tee -a "$SUMMARY"
+  fi
+  # 2f: the TF32 step's GPU time kernel by kernel (torch.profiler sees CuPy's kernels too)
+  if [ "$DEVICE" = gpu ] && [ "$(left)" -gt $((TRAIN_MIN_S + 60)) ]; then
+    t=$SECONDS
+    prof=$(NPGPT_FUSED=1 timeout -k 5 90 "$PY" benchmarks/gpu_profile.py --tf32 2>&1 | grep -v '^\(USDT\|ERROR\|WARNING\|STAGE\):' | tail -n 13)
+    note "[2f] NPGPT_FUSED=1 benchmarks/gpu_profile.py --tf32 (wall $((SECONDS - t))s):"
+    echo "$prof" | sed 's/^/[2f]   /' | tee -a "$SUMMARY"
   fi
 fi
 
