@@ -162,20 +162,30 @@ extern "C" __global__ void causal_softmax(float* __restrict__ att, int rows, int
     for (int j = lane; j < T; j += 32) a[j] = j <= t ? a[j] * inv : 0.0f;
 }
 
-// softmax backward with the attention dropout, in place, one thread per element:
+// softmax backward with the attention dropout, in place, one row of T per warp:
 //   ds = att * (da * mask - rowdot)      (ops.causal_softmax_backward)
-// rowdot_i = dy_i . y_i is stored (B, T, nh) and read for row r = ((b nh + h) T + t);
-// has_mask = 0: no dropout (mask is not read).
+// row r = ((b nh + h) T + t) is query position t; its rowdot_i = dy_i . y_i is stored
+// (B, T, nh) and read once per row. Keys j > t have att = 0: ds is 0 there, and
+// neither att nor da is read. has_mask = 0: no dropout (mask is not read).
 extern "C" __global__ void causal_softmax_backward(
         float* __restrict__ ds, const float* __restrict__ att,
         const float* __restrict__ rowdot, const float* __restrict__ mask, int has_mask,
-        long long n, int T, int nh) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        long long r = i / T;
-        long long t = r % T, h = (r / T) % nh, b = r / ((long long)T * nh);
-        float da = has_mask ? ds[i] * mask[i] : ds[i];
-        ds[i] = att[i] * (da - rowdot[(b * T + t) * nh + h]);
+        int rows, int T, int nh) {
+    long long row = warp_row();
+    if (row >= rows) return;
+    int lane = lane_id();
+    long long t = row % T, h = (row / T) % nh, b = row / ((long long)T * nh);
+    float rd = rowdot[(b * T + t) * nh + h];
+    float* d = ds + row * T;
+    const float* a = att + row * T;
+    const float* m = mask + (has_mask ? row * T : 0);
+    for (int j = lane; j < T; j += 32) {
+        if (j <= t) {
+            float da = has_mask ? d[j] * m[j] : d[j];
+            d[j] = a[j] * (da - rd);
+        } else {
+            d[j] = 0.0f;
+        }
     }
 }
 

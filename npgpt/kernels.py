@@ -180,8 +180,9 @@ def causal_softmax_backward(ds, att, rowdot, att_mask):
     xp = get_xp(ds)
     rowdot_btn = _contiguous(rowdot.transpose(0, 2, 1, 3))  # (B,nh,T,1) -> (B,T,nh,1)
     mask = xp.zeros(1, att.dtype) if att_mask is None else _contiguous(att_mask)  # (unread)
-    _flat("causal_softmax_backward", xp, ds.size, ds, att, rowdot_btn, mask,
-          np.int32(att_mask is not None), np.int64(ds.size), np.int32(T), np.int32(nh))
+    rows = ds.size // T
+    _rows("causal_softmax_backward", xp, rows, ds, att, rowdot_btn, mask,
+          np.int32(att_mask is not None), np.int32(rows), np.int32(T), np.int32(nh))
     return ds
 
 
