@@ -16,9 +16,9 @@
 # step appends its result lines to $OUT/summary.txt (also printed) as soon as it ends:
 #   summary.txt                 environment, then one block per step (read this first)
 #   1_tests.log                 pytest on the GPU cases: tests/test_kernels.py (if present),
-#                               test_backend.py (with a real GPU run of train.py stopped
-#                               by Ctrl-C and resumed, bit for bit), test_host_sync.py,
-#                               test_model.py, test_mixed.py
+#                               test_gemm.py, test_backend.py (with a real GPU run of
+#                               train.py stopped by Ctrl-C and resumed, bit for bit),
+#                               test_host_sync.py, test_model.py, test_mixed.py
 #   2a_bench_fp32_fused.log     benchmarks/train_step.py --device gpu --config lecture,
 #   2b_bench_tf32_fused.log       float32 / --tf32 with NPGPT_FUSED=1 (the fused CUDA kernels)
 #   2c_bench_fp32_plain.log       and float32 with NPGPT_FUSED=0 (plain CuPy array code);
@@ -195,8 +195,8 @@ if [ "$RESUME" != 1 ] && [ "$SKIP_TESTS" != 1 ]; then
   else
     note "[1] note: tests/test_kernels.py is absent: left out"
   fi
-  TEST_FILES+=(tests/test_backend.py tests/test_host_sync.py tests/test_model.py
-              tests/test_mixed.py)
+  TEST_FILES+=(tests/test_gemm.py tests/test_backend.py tests/test_host_sync.py
+              tests/test_model.py tests/test_mixed.py)
   PYTEST_ARGS=(-q -rfEs -p no:cacheprovider --continue-on-collection-errors)
   if "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then PYTEST_ARGS+=(--timeout=90); fi
   limit=$(min "$TESTS_TIMEOUT" $(($(left) - 3 * BENCH_MIN_S - TRAIN_MIN_S)))
