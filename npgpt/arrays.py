@@ -130,11 +130,23 @@ def row_sums(a, ws, name, weights=None):
     return out
 
 
+# On a GPU, CuPy's reduction down long columns runs one column per block over strided
+# reads: on an H200, (8192, 384) took 122 us and (8192, 1536) 210 us. Summing groups of
+# rows first, (COLUMN_GROUPS, N / COLUMN_GROUPS, C) -> (COLUMN_GROUPS, C) -> (C,), gives
+# the reduction 64 times the blocks: 75 us for both. (The fused path has a kernel.)
+COLUMN_GROUPS = 64
+
+
 def column_sums(a):
     """(C,) column sums of a (..., C), over all its rows, in sum_dtype: ones @ a2 by BLAS
-    on the CPU, as row_sums."""
+    on the CPU, as row_sums; on a GPU a reduction, over groups of rows first."""
     a2 = a.reshape(-1, a.shape[-1])  # (N, C)
-    acc = sum_dtype(a2.dtype)
-    if get_xp(a2) is not np or acc != a2.dtype:
+    (N, C), acc = a2.shape, sum_dtype(a2.dtype)
+    if get_xp(a2) is not np:
+        if N > COLUMN_GROUPS and N % COLUMN_GROUPS == 0:
+            groups = a2.reshape(COLUMN_GROUPS, N // COLUMN_GROUPS, C)  # (groups, rows, C)
+            return groups.sum(axis=1, dtype=acc).sum(axis=0)
         return a2.sum(axis=0, dtype=acc)
-    return np.matmul(ones_vector(a2.shape[0], a2.dtype), a2)
+    if acc != a2.dtype:
+        return a2.sum(axis=0, dtype=acc)
+    return np.matmul(ones_vector(N, a2.dtype), a2)

@@ -130,3 +130,18 @@ def test_a_real_gpu_run_stopped_by_ctrl_c_resumes_bit_identically(tmp_path, fuse
     assert f"interrupted by SIGINT at iteration {it}; checkpoint saved" in out, out
     a, b = (load(tmp_path / run / "out" / "ckpt.npz")[0].params.flat for run in ("a", "b"))
     np.testing.assert_array_equal(b, a)
+
+
+@pytest.mark.parametrize("rows", [640, 100, 64])
+def test_gpu_column_sums_in_groups_of_rows(monkeypatch, rows):
+    """The GPU's column sums (bias and LayerNorm gradients on the plain path) go over
+    groups of rows first when the rows divide evenly: the same sums, in float32 for a
+    float16 array."""
+    from npgpt.arrays import column_sums
+    fake = stand_in_gpu.install(monkeypatch)
+    a = np.random.default_rng(rows).standard_normal((rows, 7))
+    for dtype, rtol in ((np.float32, 1e-6), (np.float16, 1e-3)):
+        got = column_sums(fake.asarray(a.astype(dtype)))
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(to_numpy(got), a.astype(dtype).astype(np.float64).sum(0),
+                                   rtol=rtol, atol=rtol * np.abs(a).sum(0).max())
