@@ -23,6 +23,7 @@ import time
 import common
 from common import np
 
+import npgpt.model
 from npgpt import GPT, GPTConfig
 
 LECTURE = GPTConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384)
@@ -138,10 +139,28 @@ def decode_floor(n_prompt, n_new, repeats):
     v = rng.standard_normal(1024, dtype=np.float32)
     prompt = rng.integers(0, GPT2.vocab_size, (1, n_prompt))
 
+    choosing = {}  # (B, sampled): seconds inside sample_next per step, the best run's
+
     def per_token(B=1, **kw):  # seconds per step of B rows after the prefill
         seeds = None if kw.get("temperature", 1.0) == 0 else list(range(B))
-        stream = model.generate_stream(np.repeat(prompt, B, axis=0), n_new, seeds=seeds, **kw)
-        _, _, rest = timed_stream(stream)
+        spent = []
+        sample_next = npgpt.model.sample_next
+
+        def timed_sample_next(*args):  # the token choice's own time, inside the loop
+            t = time.perf_counter()
+            ids = sample_next(*args)
+            spent.append(time.perf_counter() - t)
+            return ids
+
+        npgpt.model.sample_next = timed_sample_next
+        try:
+            stream = model.generate_stream(np.repeat(prompt, B, axis=0), n_new, seeds=seeds,
+                                           **kw)
+            _, _, rest = timed_stream(stream)
+        finally:
+            npgpt.model.sample_next = sample_next
+        key = (B, seeds is not None)
+        choosing[key] = min(choosing.get(key, np.inf), sum(spent[1:]) / (n_new - 1))
         return rest / (n_new - 1)
 
     sampling = dict(temperature=0.8, top_k=40, top_p=0.9)
@@ -168,8 +187,11 @@ def decode_floor(n_prompt, n_new, repeats):
           f"{mb / 1e3 / best['greedy'] / (big.nbytes / best['read'] / 1e9):.2f} of the read "
           "bandwidth")
     for b, g, s_ in [(1, "greedy", "sampled"), (8, "greedy8", "sampled8")]:
-        print(f"   sampling {sampling} at batch {b}: +{100 * (best[s_] / best[g] - 1):.1f}% "
-              f"per step against greedy")
+        extra = choosing[b, True] - choosing[b, False]  # sampling's time beyond argmax's
+        print(f"   sampling {sampling} at batch {b}: {1e3 * choosing[b, True]:.2f} ms per step "
+              f"choosing tokens (argmax {1e3 * choosing[b, False]:.2f} ms): "
+              f"+{100 * extra / best[g]:.1f}% of a greedy step; the two steps' times differ "
+              f"by {100 * (best[s_] / best[g] - 1):+.1f}% (noisy)")
     print(f"   8 samples in one pass: {8 / best['sampled8']:.1f} tok/s in aggregate, "
           f"{best['sampled'] / best['sampled8'] * 8:.2f}x one sample's {1 / best['sampled']:.1f}")
 
