@@ -403,8 +403,7 @@ def main():
     if args.memory_child:
         return memory_child(*args.memory_child)
     if args.profile:  # npgpt alone: runs without torch
-        limiter = common.set_threads(args.threads)  # noqa: F841
-        print("\n".join(common.machine_info()))
+        limiter = common.begin(args.threads)  # noqa: F841
         for name in (["small", "lecture"] if args.config == "all" else names):
             profile(name, args.steps or PROFILE_STEPS[name], args.workers)
         return
@@ -422,8 +421,7 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
     elif args.tf32:
         sys.exit("train_step.py: --tf32 applies to --device gpu only")
-    limiter = common.set_threads(args.threads)  # noqa: F841
-    print("\n".join(common.machine_info()))
+    limiter = common.begin(args.threads)  # noqa: F841  (torch is imported above)
     if args.loop:
         return loop_throughput(args.steps or 100)
     for name in names:

@@ -141,12 +141,10 @@ def column_sums(a):
     """(C,) column sums of a (..., C), over all its rows, in sum_dtype: ones @ a2 by BLAS
     on the CPU, as row_sums; on a GPU a reduction, over groups of rows first."""
     a2 = a.reshape(-1, a.shape[-1])  # (N, C)
-    (N, C), acc = a2.shape, sum_dtype(a2.dtype)
-    if get_xp(a2) is not np:
-        if N > COLUMN_GROUPS and N % COLUMN_GROUPS == 0:
-            groups = a2.reshape(COLUMN_GROUPS, N // COLUMN_GROUPS, C)  # (groups, rows, C)
-            return groups.sum(axis=1, dtype=acc).sum(axis=0)
-        return a2.sum(axis=0, dtype=acc)
-    if acc != a2.dtype:
-        return a2.sum(axis=0, dtype=acc)
-    return np.matmul(ones_vector(N, a2.dtype), a2)
+    (N, C), acc, xp = a2.shape, sum_dtype(a2.dtype), get_xp(a2)
+    if xp is np and acc == a2.dtype:
+        return np.matmul(ones_vector(N, a2.dtype), a2)
+    if xp is not np and N > COLUMN_GROUPS and N % COLUMN_GROUPS == 0:
+        groups = a2.reshape(COLUMN_GROUPS, N // COLUMN_GROUPS, C)  # (groups, rows, C)
+        return groups.sum(axis=1, dtype=acc).sum(axis=0)
+    return a2.sum(axis=0, dtype=acc)

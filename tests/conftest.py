@@ -49,6 +49,14 @@ def interrupt_and_resume(folder, args, how, after_steps=60, env=None):
     return proc, out, err, extra["iter"]
 
 
+def cut_into_blocks(monkeypatch, block_elements):
+    """Make every CPU array big enough to be cut into blocks (arrays.blocks) of
+    block_elements elements, for this test."""
+    from npgpt import arrays
+    monkeypatch.setattr(arrays, "WHOLE_ELEMENTS", 0)
+    monkeypatch.setattr(arrays, "BLOCK_ELEMENTS", block_elements)
+
+
 def use_tiles(monkeypatch, tile):
     """Make `tile` the default query tile of attention_forward (the layers use the
     default), for this test."""

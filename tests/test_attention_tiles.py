@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import stand_in_gpu
-from conftest import use_tiles
+from conftest import cut_into_blocks, use_tiles
 from npgpt import GPT, GPTConfig, arrays, attention, ops, reference
 from npgpt.arrays import Workspace
 from npgpt.attention import query_tiles
@@ -118,12 +118,6 @@ def test_a_model_with_tiles_equals_one_with_whole_rows(monkeypatch, dropout):
         results.append((float(loss), m.backward().flat.copy()))
     assert results[1][0] == pytest.approx(results[0][0], abs=1e-12)
     np.testing.assert_allclose(results[1][1], results[0][1], rtol=0, atol=1e-12)
-
-
-def cut_into_blocks(monkeypatch, block_elements):
-    """Make every CPU array big enough to be cut into blocks (arrays.blocks)."""
-    monkeypatch.setattr(arrays, "WHOLE_ELEMENTS", 0)
-    monkeypatch.setattr(arrays, "BLOCK_ELEMENTS", block_elements)
 
 
 @pytest.mark.parametrize("dropout", [False, True])

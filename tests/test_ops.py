@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 
+from conftest import cut_into_blocks
 from npgpt import arrays, ops
 from npgpt.gradcheck import check_op, numerical_grad, rel_error
 
@@ -46,8 +47,7 @@ def test_row_blocks_give_the_whole_arrays_results(monkeypatch, op, shapes):
     out, cache = fwd(*args)
     dout = randn(*out.shape)
     want = bwd(dout, cache)
-    monkeypatch.setattr(arrays, "WHOLE_ELEMENTS", 0)
-    monkeypatch.setattr(arrays, "BLOCK_ELEMENTS", 2 * shapes[0][-1])  # two rows a block
+    cut_into_blocks(monkeypatch, 2 * shapes[0][-1])  # two rows a block
     assert len(arrays.row_blocks(args[0])) == 8
     got_out, cache = fwd(*args)
     np.testing.assert_allclose(got_out, out, rtol=0, atol=1e-12)
