@@ -27,7 +27,7 @@
 #                               float32 against torch.autocast(float16) + GradScaler
 #   (2e, 2f: lines in summary.txt) benchmarks/gpu_products.py: attention's batched products,
 #                               npgpt's against CuPy's and PyTorch's; benchmarks/gpu_profile.py
-#                               --tf32: the fused TF32 step's GPU time kernel by kernel
+#                               --tf32 and --dtype float16: the fused steps' GPU time kernel by kernel
 #   3_lecture_train.log         python train.py --preset lecture --device gpu --tf32
 #   3_lecture_log.jsonl         that run's log.jsonl (evals: iter, train_loss, val_loss, ...)
 #   (3_lecture_loss.png         its loss curves, only when fewer than 8 files are there)
@@ -50,6 +50,8 @@
 #   PRESET=lecture [tiny] TARGET_ITERS=the preset's max_iters (5000 [50])
 #   TRAIN_DTYPE=float32 (step 3 with --tf32) or float16 (step 3 with --dtype float16)
 #   TRAIN_DIR=/tmp/npgpt_gpu_check_${PRESET}_$TRAIN_DTYPE   TESTS_TIMEOUT=150   BENCH_TIMEOUT=120
+#   TESTS=the test files of step 1 (default: the six above; e.g. TESTS="tests/test_kernels.py
+#   tests/test_mixed.py" in a rerun after a kernel change)
 #   SKIP_TESTS=0  SKIP_BENCH=0   PYTHON=python3   NPGPT_DATA_DIR: the folder holding
 #   tinyshakespeare.txt (default: .data, shared/data or ../shared/data, the first that has
 #   it; without one train.py downloads the corpus, which needs the network)
@@ -190,13 +192,16 @@ note "data: NPGPT_DATA_DIR=${NPGPT_DATA_DIR:-(unset: no local tinyshakespeare.tx
 # --------------------------------------------------------------------------- step 1: tests
 if [ "$RESUME" != 1 ] && [ "$SKIP_TESTS" != 1 ]; then
   TEST_FILES=()
-  if [ -f tests/test_kernels.py ]; then
+  if [ -n "${TESTS:-}" ]; then
+    read -r -a TEST_FILES <<<"$TESTS"   # a rerun's choice: only the files that matter
+  elif [ -f tests/test_kernels.py ]; then
     TEST_FILES+=(tests/test_kernels.py)
   else
     note "[1] note: tests/test_kernels.py is absent: left out"
   fi
-  TEST_FILES+=(tests/test_gemm.py tests/test_backend.py tests/test_host_sync.py
-              tests/test_model.py tests/test_mixed.py)
+  [ -n "${TESTS:-}" ] || TEST_FILES+=(tests/test_gemm.py tests/test_backend.py
+                                      tests/test_host_sync.py tests/test_model.py
+                                      tests/test_mixed.py)
   PYTEST_ARGS=(-q -rfEs -p no:cacheprovider --continue-on-collection-errors)
   if "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then PYTEST_ARGS+=(--timeout=90); fi
   limit=$(min "$TESTS_TIMEOUT" $(($(left) - 3 * BENCH_MIN_S - TRAIN_MIN_S)))
@@ -271,13 +276,17 @@ if [ "$RESUME" != 1 ] && [ "$SKIP_BENCH" != 1 ]; then
     note "[2e] benchmarks/gpu_products.py --device $DEVICE (wall $((SECONDS - t))s):"
     echo "$prod" | sed 's/^/[2e]   /' | tee -a "$SUMMARY"
   fi
-  # 2f: the TF32 step's GPU time kernel by kernel (torch.profiler sees CuPy's kernels too)
-  if [ "$DEVICE" = gpu ] && [ "$(left)" -gt $((TRAIN_MIN_S + 60)) ]; then
-    t=$SECONDS
-    prof=$(NPGPT_FUSED=1 timeout -k 5 90 "$PY" benchmarks/gpu_profile.py --tf32 2>&1 | grep -v '^\(USDT\|ERROR\|WARNING\|STAGE\):' | tail -n 13)
-    note "[2f] NPGPT_FUSED=1 benchmarks/gpu_profile.py --tf32 (wall $((SECONDS - t))s):"
-    echo "$prof" | sed 's/^/[2f]   /' | tee -a "$SUMMARY"
-  fi
+  # 2f: the TF32 and float16 steps' GPU time kernel by kernel (torch.profiler sees CuPy's
+  # kernels too)
+  for flags in "--tf32" "--dtype float16"; do
+    if [ "$DEVICE" = gpu ] && [ "$(left)" -gt $((TRAIN_MIN_S + 60)) ]; then
+      t=$SECONDS
+      # shellcheck disable=SC2086  # (flags: two words for --dtype float16)
+      prof=$(NPGPT_FUSED=1 timeout -k 5 90 "$PY" benchmarks/gpu_profile.py $flags 2>&1 | grep -v '^\(USDT\|ERROR\|WARNING\|STAGE\):' | tail -n 13)
+      note "[2f] NPGPT_FUSED=1 benchmarks/gpu_profile.py $flags (wall $((SECONDS - t))s):"
+      echo "$prof" | sed 's/^/[2f]   /' | tee -a "$SUMMARY"
+    fi
+  done
 fi
 
 # ------------------------------------------------------------- step 3: the lecture training

@@ -6,10 +6,14 @@ same math in one pass (its formula is written above it in kernels.cu, and
 tests/test_kernels.py checks it against the plain op). `fused_ops(xp, dtype)` hands a
 model either ops.py itself or a namespace where these functions stand in for the plain
 ones, signature for signature; the model chooses once, when its parameters are
-allocated, and float64 models and CPU models always get the plain code.
+allocated, and float64 models and CPU models always get the plain code. A float16 model
+(mixed.py) gets the same functions: each launches the `_f16` version of its kernel when
+its arrays are float16 (the math in float, each result rounded to float16 once, the row
+statistics and column sums float32 as ops.sum_dtype says).
 
-Status: every kernel passed its tests on an NVIDIA H200 (benchmarks/RESULTS.md), and
-runs in tests/emulated_cuda.py's emulator (g++ on the CPU) on every machine. They are the
+Status: every float32 kernel passed its tests on an NVIDIA H200 (benchmarks/RESULTS.md)
+(the float16 versions: not yet run on a GPU), and every kernel runs in
+tests/emulated_cuda.py's emulator (g++ on the CPU) on every machine. They are the
 GPU's default; NPGPT_FUSED=0 turns them off (the plain CuPy array code of ops.py).
 
 The kernels are compiled by `xp.RawModule` of the arrays' own module (CuPy, or the test
@@ -27,14 +31,20 @@ from pathlib import Path
 import numpy as np
 
 from . import ops
-from .arrays import FRESH
+from .arrays import FRESH, sum_dtype
 from .backend import get_xp
 
 SOURCE = Path(__file__).with_name("kernels.cu")
 WARPS = 4            # row kernels: warps (rows) per block of 128 threads
 THREADS = 256        # flat kernels: threads per block
 MAX_BLOCKS = 1 << 16  # flat kernels loop over the rest (grid-stride)
+COLUMN_THREADS = 128  # column kernels: columns per block
+ROW_STRIDE = 512     # column kernels: blocks along the rows (each takes every 512th row)
 COLUMN_CHUNK = 32    # column_sums: rows per partial sum (8192 rows: 3 launches)
+# the kernel a launch runs, by the dtype of its first array: kernels.cu's `name` for float32
+# arrays, `name_f16` for float16 ones (AdamW, on float32 master weights, has only the first)
+SUFFIX = {np.dtype(np.float32): "", np.dtype(np.float16): "_f16"}
+FLOAT32_ONLY = {"adamw"}
 
 
 def requested():
@@ -43,9 +53,9 @@ def requested():
 
 
 def applies(xp, dtype):
-    """Whether arrays of `dtype` on `xp` use the fused kernels: a GPU, float32, not
-    turned off."""
-    return xp is not np and np.dtype(dtype) == np.float32 and requested()
+    """Whether arrays of `dtype` on `xp` use the fused kernels: a GPU, float32 or float16,
+    not turned off."""
+    return xp is not np and np.dtype(dtype) in SUFFIX and requested()
 
 
 def fused_ops(xp, dtype):
@@ -68,14 +78,26 @@ def _kernel(xp, name):
     return _module(xp).get_function(name)
 
 
+def _typed(name, xp, first):
+    """The compiled kernel `name` in the version for `first`'s dtype (see SUFFIX)."""
+    return _kernel(xp, name + SUFFIX[first.dtype])
+
+
 def _rows(name, xp, rows, *args):
     """Launch a row kernel: one warp per row."""
-    _kernel(xp, name)((max(1, math.ceil(rows / WARPS)),), (32 * WARPS,), args)
+    _typed(name, xp, args[0])((max(1, math.ceil(rows / WARPS)),), (32 * WARPS,), args)
 
 
 def _flat(name, xp, n, *args):
     """Launch a flat kernel: one thread per element, at most MAX_BLOCKS blocks."""
-    _kernel(xp, name)((max(1, min(math.ceil(n / THREADS), MAX_BLOCKS)),), (THREADS,), args)
+    _typed(name, xp, args[0])((max(1, min(math.ceil(n / THREADS), MAX_BLOCKS)),),
+                              (THREADS,), args)
+
+
+def _columns(name, xp, rows, C, *args):
+    """Launch a column kernel: one thread per column, ROW_STRIDE blocks down the rows."""
+    _typed(name, xp, args[0])((math.ceil(C / COLUMN_THREADS), max(1, min(rows, ROW_STRIDE))),
+                              (COLUMN_THREADS,), args)
 
 
 def _contiguous(a):
@@ -89,12 +111,14 @@ def _contiguous(a):
 def column_sums(a):
     """arrays.column_sums as a tree of kernel launches: (C,) column sums of a (..., C).
     Each launch sums chunks of COLUMN_CHUNK rows, in row order, into a new matrix of one
-    row per chunk, until one row is left (8192 rows: 256, 8, 1)."""
+    row per chunk, until one row is left (8192 rows: 256, 8, 1). The sums are float32
+    for float16 rows too (sum_dtype)."""
     xp = get_xp(a)
     a2 = _contiguous(a.reshape(-1, a.shape[-1]))  # (N, C)
     N, C = a2.shape
+    acc = sum_dtype(a2.dtype)
     while True:
-        part = xp.empty((math.ceil(N / COLUMN_CHUNK), C), dtype=a2.dtype)  # (chunks, C)
+        part = xp.empty((math.ceil(N / COLUMN_CHUNK), C), dtype=acc)  # (chunks, C)
         _flat("column_sums", xp, part.size, a2, part, np.int64(N), np.int32(C),
               np.int32(COLUMN_CHUNK))
         if part.shape[0] == 1:
@@ -102,7 +126,19 @@ def column_sums(a):
         a2, N = part, part.shape[0]
 
 
-# the linear layers' bias gradient by the kernel above; the products stay cuBLAS's
+# ----------------------------------------------------------------------------
+# linear: the products stay cuBLAS's; the bias and its gradient by kernels
+
+
+def add_bias(out, b):
+    """out += b, in place: b (C,) added to every row of out (..., C), contiguous."""
+    C = out.shape[-1]
+    _columns("add_bias", get_xp(out), out.size // C, C, out, _contiguous(b),
+             np.int64(out.size // C), np.int32(C))
+    return out
+
+
+linear_forward = functools.partial(ops.linear_forward, add_bias=add_bias)
 linear_backward = functools.partial(ops.linear_backward, column_sums=column_sums)
 
 
@@ -116,7 +152,7 @@ def layernorm_forward(x, w, b, eps=1e-5, ws=FRESH):
     C = x.shape[-1]
     rows = x.size // C
     out, xhat = ws("out", x.shape, x), ws("xhat", x.shape, x)
-    rstd = ws("rstd", x.shape[:-1] + (1,), x)
+    rstd = ws("rstd", x.shape[:-1] + (1,), x, sum_dtype(x.dtype))  # float32 for float16
     _rows("layernorm_forward", xp, rows, x, _contiguous(w), _contiguous(b), out, xhat, rstd,
           np.int32(rows), np.int32(C), np.float32(eps))
     return out, ops.LayerNormCache(xhat, rstd, w)
@@ -206,11 +242,12 @@ def cross_entropy_forward(logits, targets, ignore_index=-1, ws=FRESH):
     V = logits.shape[-1]
     rows = logits.size // V
     t = xp.asarray(targets.reshape(-1), dtype=xp.int64)  # (N,) as the kernel's long long
+    acc = sum_dtype(logits.dtype)  # the losses and their sum: float32 for float16 logits
     probs = ws("probs", (rows, V), logits)
-    nll = ws("nll", (rows,), logits)
+    nll = ws("nll", (rows,), logits, acc)
     _rows("cross_entropy_forward", xp, rows, logits, t, probs, nll, np.int32(rows),
           np.int32(V), np.int64(ignore_index))
-    count = (t != ignore_index).sum().astype(logits.dtype)  # positions that carry a target
+    count = (t != ignore_index).sum().astype(acc)  # positions that carry a target
     loss = nll.sum() / count
     return loss, FusedCrossEntropyCache(probs, t, count, ignore_index, logits.shape)
 
@@ -219,14 +256,14 @@ def cross_entropy_backward(dloss, cache, ws=FRESH):
     """ops.cross_entropy_backward in one kernel."""
     probs, t, count, ignore_index, shape = cache
     xp = get_xp(probs)
-    scale = xp.asarray(dloss / count, dtype=probs.dtype).reshape(1)  # stays on the device
+    scale = xp.asarray(dloss / count, dtype=count.dtype).reshape(1)  # stays on the device
     dlogits = ws("dlogits", probs.shape, probs)
     _flat("cross_entropy_backward", xp, probs.size, probs, t, scale, dlogits,
           np.int64(probs.size), np.int32(probs.shape[1]), np.int64(ignore_index))
     return (dlogits.reshape(shape),)
 
 
-FUSED = {"linear_backward": linear_backward,
+FUSED = {"linear_forward": linear_forward, "linear_backward": linear_backward,
          "layernorm_forward": layernorm_forward, "layernorm_backward": layernorm_backward,
          "gelu_forward": gelu_forward, "gelu_backward": gelu_backward,
          "attention_forward": attention_forward, "attention_backward": attention_backward,
@@ -253,7 +290,8 @@ def adamw_runs(decay_spans, size):
 
 
 def adamw_update(p, g, m, v, runs, lr, betas, eps, weight_decay, bias1, bias2_sqrt):
-    """optim.AdamW's update of one flat float32 buffer, one kernel launch per run."""
+    """optim.AdamW's update of one flat float32 buffer, one kernel launch per run (float32
+    only: FLOAT32_ONLY)."""
     xp = get_xp(p)
     b1, b2 = (np.float32(b) for b in betas)
     for start, stop, decays in runs:

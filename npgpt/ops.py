@@ -19,6 +19,7 @@ previous step's memory; without one every result is a new array (same arithmetic
 The attention ops live in attention.py (imported here, so ops.attention_forward works).
 """
 import math
+import operator
 from collections import namedtuple
 
 import numpy as np
@@ -114,12 +115,13 @@ def _token_sums_in_fixed_order(idx, dout, dwte):
 # linear
 
 
-def linear_forward(x, w, b, ws=FRESH):
+def linear_forward(x, w, b, ws=FRESH, *, add_bias=operator.iadd):
     """out = x @ w + b.   x (..., Cin), w (Cin, Cout), b (Cout,) -> (..., Cout).
+    add_bias(out, b): out += b in place (kernels.py passes its fused one).
     Textbook version: reference.linear_forward."""
     x2 = x.reshape(-1, x.shape[-1])  # (N, Cin): one matrix product for all positions
     out = matmul(x2, w, out=ws("out", (x2.shape[0], w.shape[1]), x))
-    out += b
+    add_bias(out, b)
     return out.reshape(*x.shape[:-1], w.shape[1]), LinearCache(x, w)  # (..., Cout)
 
 
@@ -230,7 +232,8 @@ _GELU_A = 0.044715
 # once: NumPy's float16 loops convert every element to float32 and back in each of the
 # op's ten passes (10x float32's time), and x^2 overflows float16 past |x| = 256 (the
 # backward's (A - 0.5)(1 - t) would then be inf * 0 = NaN). CuPy's float16 kernels on a
-# GPU are fast; the overflow stays there (docs/mixed_precision.md).
+# GPU are fast; the overflow stays there, in the plain code (the fused GELU kernel computes
+# in float32: docs/mixed_precision.md).
 
 
 def gelu_forward(x, ws=FRESH):

@@ -47,7 +47,8 @@ class AdamW:
                 self.decay[n] = [slice(None)] if p.ndim >= 2 else []
         # on a GPU, a float32 flat buffer is updated by one fused kernel per stretch
         self.fused = {n: kernels.adamw_runs(self.decay[n], p.size) for n, p in _buffers(params)
-                      if n == "*" and kernels.applies(get_xp(p), p.dtype)}
+                      if n == "*" and p.dtype == "float32"
+                      and kernels.applies(get_xp(p), p.dtype)}
         self.scratch = {}  # per dtype: as long as the longest stretch updated at a time
         for n, p in _buffers(params):  # (a kernel needs none, but a skippable step does)
             size = max(min(p.size, CHUNK), len(self.scratch.get(p.dtype, ())))

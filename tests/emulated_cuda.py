@@ -36,7 +36,8 @@ CACHE = Path(tempfile.gettempdir()) / "npgpt-emulated-cuda"
 FLAGS = ["-std=c++17", "-O2", "-shared", "-fPIC"]
 GUARD = 64  # elements at least, each side of every array argument
 GUARD_BYTE = 0xA5
-FLOAT_GUARD = {np.dtype(np.float32): np.uint32(0x7FC0DEAD).view(np.float32),
+FLOAT_GUARD = {np.dtype(np.float16): np.uint16(0x7E5A).view(np.float16),
+               np.dtype(np.float32): np.uint32(0x7FC0DEAD).view(np.float32),
                np.dtype(np.float64): np.uint64(0x7FF8DEADDEADDEAD).view(np.float64)}
 
 # C type -> (dtype, ctypes type)
@@ -45,7 +46,8 @@ TYPES = {
     "int": (np.int32, ctypes.c_int32), "unsigned": (np.uint32, ctypes.c_uint32),
     "unsigned int": (np.uint32, ctypes.c_uint32), "long long": (np.int64, ctypes.c_int64),
     "long long int": (np.int64, ctypes.c_int64), "unsigned char": (np.uint8, ctypes.c_uint8),
-    "bool": (np.bool_, ctypes.c_bool)}
+    "bool": (np.bool_, ctypes.c_bool),
+    "half_t": (np.float16, ctypes.c_uint16)}  # kernels.cu's float16 storage (16 bits)
 
 TEMPLATE = """
 #define EMUCUDA_IMPLEMENTATION

@@ -31,17 +31,23 @@ def xp(request, monkeypatch):
     return cupy
 
 
-def f32(xp, a):
-    """a (float64, NumPy) as a float32 array on xp's device."""
-    return xp.asarray(np.asarray(a, dtype=np.float32))
+def f32(xp, a, dtype=np.float32):
+    """a (float64, NumPy) as a float32 (or `dtype`) array on xp's device."""
+    return xp.asarray(np.asarray(a, dtype=dtype))
 
 
-def assert_matches(got, want, rel=1e-5):
-    """got (device, float32) equals want (float64) to float32 rounding of want's scale."""
+# a float16 kernel computes in float32 and rounds each result once: 2^-11 of its size
+REL = {np.dtype(np.float32): 1e-5, np.dtype(np.float16): 1e-3}
+
+
+def assert_matches(got, want, dtype=np.float32, rel=None):
+    """got (device, `dtype`) equals want (float64) to dtype's rounding (or rel) of want's
+    scale."""
     got = to_numpy(got)
-    assert got.dtype == np.float32
+    assert got.dtype == dtype
     scale = max(float(np.abs(want).max()), 1e-30)
-    np.testing.assert_allclose(got, want, rtol=0, atol=rel * scale)
+    rel = REL[np.dtype(dtype)] if rel is None else rel
+    np.testing.assert_allclose(got.astype(np.float64), want, rtol=0, atol=rel * scale)
 
 
 def as64(a):
@@ -88,6 +94,22 @@ def test_column_sums(xp, monkeypatch, shape):
     assert_matches(got, a2.astype(np.float64).sum(axis=0))
     # the same bits as the tree it documents: an order fixed by the shape alone
     np.testing.assert_array_equal(to_numpy(got), tree_of_column_sums(a2, kernels.COLUMN_CHUNK))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_add_bias_and_linear_forward(xp, monkeypatch, dtype):
+    monkeypatch.setattr(kernels, "COLUMN_THREADS", 32)  # 70 columns: 3 blocks, the last
+    monkeypatch.setattr(kernels, "ROW_STRIDE", 4)       # partly idle; 2*9 rows in 4 strides
+    out = f32(xp, rng.standard_normal((2, 9, 70)), dtype)
+    b = f32(xp, rng.standard_normal(70), dtype)
+    want = to_numpy(out) + to_numpy(b)  # (float16: NumPy's add rounds the exact sum once)
+    got = kernels.add_bias(out, b)
+    assert got is out
+    np.testing.assert_array_equal(to_numpy(out), want)
+    x = f32(xp, rng.standard_normal((2, 9, 12)), dtype)
+    w = f32(xp, rng.standard_normal((12, 70)), dtype)
+    y, _ = kernels.linear_forward(x, w, b)
+    assert_matches(y, ops.linear_forward(as64(x), as64(w), as64(b))[0], dtype)
 
 
 def test_linear_backward(xp):
@@ -174,6 +196,91 @@ def test_cross_entropy(xp, V, tdtype):
         assert np.all(to_numpy(dlogits)[1, 3:6] == 0.0)
 
 
+# ----------------------------------------------------------------------------
+# the float16 versions (a float16 model's activations): float32 math, results rounded once;
+# the reference is the plain op in float64 on the same float16 values
+
+
+F16, F32 = np.dtype(np.float16), np.dtype(np.float32)
+
+
+def test_layernorm_float16(xp):
+    shape, C = (4, 9, 100), 100
+    x, w, b = (f32(xp, a, F16) for a in (rng.standard_normal(shape) * 3 + 1,
+                                         rng.standard_normal(C), rng.standard_normal(C)))
+    dout = f32(xp, rng.standard_normal(shape), F16)
+    out, cache = kernels.layernorm_forward(x, w, b)
+    ref, ref_cache = ops.layernorm_forward(as64(x), as64(w), as64(b))
+    assert_matches(out, ref, F16)
+    assert_matches(cache.xhat, ref_cache.xhat, F16)
+    assert_matches(cache.rstd, ref_cache.rstd, F32)   # the statistics stay float32
+    # the backward from the float16 cache it is given
+    dx, dw, db = kernels.layernorm_backward(dout, cache)
+    want = ops.layernorm_backward(as64(dout), ops.LayerNormCache(
+        as64(cache.xhat), as64(cache.rstd), as64(w)))
+    assert_matches(dx, want[0], F16)
+    assert_matches(db, want[2], F32)                   # column sums: float32, exact terms
+    assert_matches(dw, want[1], F32, rel=1e-3)         # (terms dout * xhat rounded first)
+
+
+def test_column_sums_of_float16_rows_are_float32(xp):
+    a = f32(xp, rng.standard_normal((1000, 37)) * 100, F16)
+    got = kernels.column_sums(a)
+    assert to_numpy(got).dtype == F32
+    # the same tree, float32 sums of the float16 terms
+    np.testing.assert_array_equal(to_numpy(got), tree_of_column_sums(to_numpy(a),
+                                                                      kernels.COLUMN_CHUNK))
+
+
+def test_gelu_float16_does_not_overflow_where_float16_math_would(xp):
+    # x^2 passes float16's 65504 at |x| = 256: the kernel's float32 math does not mind
+    x = f32(xp, np.concatenate([rng.standard_normal(500) * 3, [-300, -40, 0, 40, 300]]), F16)
+    dout = f32(xp, rng.standard_normal(x.shape), F16)
+    out, cache = kernels.gelu_forward(x)
+    ref, ref_cache = ops.gelu_forward(as64(x))
+    assert_matches(out, ref, F16)
+    (dx,) = kernels.gelu_backward(dout, cache)
+    assert_matches(dx, ops.gelu_backward(as64(dout), ref_cache)[0], F16)
+    assert np.isfinite(to_numpy(dx)).all()
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_causal_softmax_and_its_backward_float16(xp, dropout):
+    B, nh, T = 2, 3, 37
+    s = rng.standard_normal((B, nh, T, T)) * 4
+    s[0, 0, -1, 0] = -1000.0
+    att = kernels.causal_softmax(f32(xp, s, F16))
+    ref = ops.causal_softmax(as64(f32(np, s, F16)))
+    assert_matches(att, ref, F16)
+    assert np.all(to_numpy(att)[..., np.triu(np.ones((T, T), dtype=bool), k=1)] == 0.0)
+    da = rng.standard_normal((B, nh, T, T))
+    mask = (rng.random((B, nh, T, T)) >= 0.2) / 0.8 if dropout else None
+    rowdot = rng.standard_normal((B, T, nh, 1))  # float32, (B,T,nh,1) as attention keeps it
+    got = kernels.causal_softmax_backward(
+        f32(xp, da, F16), att, f32(xp, rowdot).transpose(0, 2, 1, 3),
+        None if mask is None else f32(xp, mask, F16))
+    want = ops.causal_softmax_backward(as64(f32(np, da, F16)), as64(att),
+                                       rowdot.astype(np.float32).transpose(0, 2, 1, 3),
+                                       None if mask is None else as64(f32(np, mask, F16)))
+    assert_matches(got, want, F16)
+
+
+def test_cross_entropy_float16(xp):
+    V = 70
+    logits = rng.standard_normal((3, 11, V)) * 2
+    logits[0, 0, 1], logits[0, 1, 2] = -1000.0, 1000.0
+    targets = rng.integers(0, V, (3, 11))
+    targets[1, 3:6] = -1
+    z = f32(xp, logits, F16)
+    loss, cache = kernels.cross_entropy_forward(z, xp.asarray(targets))
+    ref, ref_cache = ops.cross_entropy_forward(as64(z), targets)
+    assert to_numpy(loss).dtype == F32  # the log-sum-exps and their mean: float32
+    assert float(to_numpy(loss)) == pytest.approx(float(ref), rel=1e-5)
+    (dlogits,) = kernels.cross_entropy_backward(4.0, cache)  # dloss: a loss scale
+    assert_matches(dlogits, ops.cross_entropy_backward(4.0, ref_cache)[0], F16)
+    assert np.all(to_numpy(dlogits)[1, 3:6] == 0.0)
+
+
 def test_adamw_kernel_matches_the_plain_update(xp, monkeypatch):
     cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8)
     fused = GPT(cfg, seed=1, device="gpu")
@@ -246,8 +353,9 @@ def test_fused_ops_replace_the_plain_ones_signature_for_signature(monkeypatch):
     for name, fn in kernels.FUSED.items():
         assert getattr(table, name) is fn
         assert called_with(fn) == called_with(getattr(ops, name)), name
-    assert table.linear_forward is ops.linear_forward
+    assert table.embedding_forward is ops.embedding_forward
     # the plain code wherever the kernels do not apply
+    assert kernels.fused_ops(fake, "float16").layernorm_forward is kernels.layernorm_forward
     assert kernels.fused_ops(np, "float32") is ops
     assert kernels.fused_ops(fake, "float64") is ops
     monkeypatch.setenv("NPGPT_FUSED", "0")

@@ -34,12 +34,13 @@ def batch(seed, B=8, T=32, V=65):
     return rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T))
 
 
-@pytest.fixture(params=["cpu", "stand-in", "cuda"])
+@pytest.fixture(params=["cpu", "stand-in", "stand-in-fused", "cuda"])
 def device(request, monkeypatch):
     """Where the models live: the CPU, the stand-in GPU (CuPy's code paths on NumPy
-    arrays, stand_in_gpu.py) or a real GPU (skipped without one)."""
-    if request.param == "stand-in":
-        stand_in_gpu.install(monkeypatch)
+    arrays, stand_in_gpu.py; plain, or with the fused kernels' float16 versions in the
+    CUDA emulator) or a real GPU (skipped without one; its default: the fused kernels)."""
+    if request.param.startswith("stand-in"):
+        stand_in_gpu.install(monkeypatch, fused=request.param == "stand-in-fused")
     elif request.param == "cuda" and not gpu_available():
         pytest.skip("no CuPy-visible NVIDIA GPU here")
     return "cpu" if request.param == "cpu" else "gpu"

@@ -143,12 +143,16 @@ def cupy_options(options, cc):
 
 
 def launched_kernels():
-    """The kernel names kernels.py launches: each _rows/_flat call's first argument."""
+    """The kernel names kernels.py launches: each _rows/_flat/_columns call's first
+    argument, in each version kernels.SUFFIX names (float32, float16) unless it is
+    FLOAT32_ONLY."""
     tree = ast.parse(Path(kernels.__file__).read_text())
-    return {node.args[0].value for node in ast.walk(tree)
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-            and node.func.id in ("_rows", "_flat") and node.args
-            and isinstance(node.args[0], ast.Constant)}
+    names = {node.args[0].value for node in ast.walk(tree)
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+             and node.func.id in ("_rows", "_flat", "_columns") and node.args
+             and isinstance(node.args[0], ast.Constant)}
+    return {name + suffix for name in names for suffix in kernels.SUFFIX.values()
+            if name not in kernels.FLOAT32_ONLY or suffix == ""}
 
 
 Usage = namedtuple("Usage", "registers stack spill_stores spill_loads")
