@@ -213,6 +213,45 @@ extern "C" __global__ void column_sums_f16(const half_t* __restrict__ a,
     column_sums_level(a, part, N, C, R);
 }
 
+// LayerNorm's parameter gradients, the first level of column_sums for two sums at once,
+// reading dout and xhat once (the products are float: exact for float16 inputs):
+//   part[s, c] = sum over the chunk's rows of dout[r, c]              (-> db)
+//   part[s, C + c] = sum over the chunk's rows of dout[r, c] xhat[r, c]   (-> dw)
+
+template <typename T>
+__device__ __forceinline__ void layernorm_param_grads_level(
+        const T* __restrict__ dout, const T* __restrict__ xhat, float* __restrict__ part,
+        long long N, int C, int R) {
+    long long n = (N + R - 1) / R * C;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        long long s = i / C, c = i % C;
+        long long end = (s + 1) * R < N ? (s + 1) * R : N;
+        float db = 0.0f, dw = 0.0f;
+        for (long long r = s * R; r < end; ++r) {
+            float d = ld(dout, r * C + c);
+            db += d;
+            dw += d * ld(xhat, r * C + c);
+        }
+        part[s * 2 * C + c] = db;
+        part[s * 2 * C + C + c] = dw;
+    }
+}
+
+extern "C" __global__ void layernorm_param_grads(const float* __restrict__ dout,
+                                                 const float* __restrict__ xhat,
+                                                 float* __restrict__ part, long long N, int C,
+                                                 int R) {
+    layernorm_param_grads_level(dout, xhat, part, N, C, R);
+}
+
+extern "C" __global__ void layernorm_param_grads_f16(const half_t* __restrict__ dout,
+                                                     const half_t* __restrict__ xhat,
+                                                     float* __restrict__ part, long long N,
+                                                     int C, int R) {
+    layernorm_param_grads_level(dout, xhat, part, N, C, R);
+}
+
 // ---------------------------------------------------------------------------------------
 // tanh-GELU, one thread per element
 //   u = k (x + a x^3);  t = tanh(u);  out = 0.5 x (1 + t)
@@ -412,13 +451,15 @@ extern "C" __global__ void cross_entropy_backward_f16(
 }
 
 // ---------------------------------------------------------------------------------------
-// AdamW over a stretch of the flat parameter buffer, one thread per element (optim.py):
+// AdamW over the whole flat parameter buffer, one thread per element (optim.py), in one
+// launch: decays[i] = 1 where element i belongs to a matrix (weight decay), else 0
 //   p *= decay                                (decay = 1 - lr wd for matrices, else 1)
 //   m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2
 //   p -= lr_t * m / (sqrt(v) / bias2_sqrt + eps)     (lr_t = lr / (1 - b1^t))
 
 extern "C" __global__ void adamw(float* __restrict__ p, const float* __restrict__ g,
-                                 float* __restrict__ m, float* __restrict__ v, long long n,
+                                 float* __restrict__ m, float* __restrict__ v,
+                                 const unsigned char* __restrict__ decays, long long n,
                                  float decay, float b1, float b2, float eps, float lr_t,
                                  float inv_bias2_sqrt) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
@@ -428,6 +469,28 @@ extern "C" __global__ void adamw(float* __restrict__ p, const float* __restrict_
         float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
         m[i] = mi;
         v[i] = vi;
-        p[i] = p[i] * decay - lr_t * mi / (sqrtf(vi) * inv_bias2_sqrt + eps);
+        p[i] = p[i] * (decays[i] ? decay : 1.0f) - lr_t * mi / (sqrtf(vi) * inv_bias2_sqrt + eps);
+    }
+}
+
+// the same update for a step that may be skipped (mixed precision): its coefficients are
+// on the device, each times keep (0 when the gradients overflowed, else 1), as optim.py's
+// array code writes them, so that keep = 0 leaves p, m and v exactly as they were:
+//   coef = [1 - keep lr wd, keep (1 - b1), keep (1 - b2), 1 / bias2_sqrt, keep lr_t]
+//   m += c1 (g - m);  v += c2 (g^2 - v);  p = p * decay - step * m / (sqrt(v) unbias2 + eps)
+extern "C" __global__ void adamw_skippable(float* __restrict__ p, const float* __restrict__ g,
+                                           float* __restrict__ m, float* __restrict__ v,
+                                           const unsigned char* __restrict__ decays,
+                                           long long n, const float* __restrict__ coef,
+                                           float eps) {
+    float decay = coef[0], c1 = coef[1], c2 = coef[2], unbias2 = coef[3], step = coef[4];
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        float gi = g[i];
+        float mi = m[i] + c1 * (gi - m[i]);
+        float vi = v[i] + c2 * (gi * gi - v[i]);
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = p[i] * (decays[i] ? decay : 1.0f) - step * mi / (sqrtf(vi) * unbias2 + eps);
     }
 }

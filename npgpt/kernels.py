@@ -44,7 +44,7 @@ COLUMN_CHUNK = 32    # column_sums: rows per partial sum (8192 rows: 3 launches)
 # the kernel a launch runs, by the dtype of its first array: kernels.cu's `name` for float32
 # arrays, `name_f16` for float16 ones (AdamW, on float32 master weights, has only the first)
 SUFFIX = {np.dtype(np.float32): "", np.dtype(np.float16): "_f16"}
-FLOAT32_ONLY = {"adamw"}
+FLOAT32_ONLY = {"adamw", "adamw_skippable"}
 
 
 def requested():
@@ -159,7 +159,8 @@ def layernorm_forward(x, w, b, eps=1e-5, ws=FRESH):
 
 
 def layernorm_backward(dout, cache, ws=FRESH):
-    """ops.layernorm_backward: dx in one kernel; dw, db by column_sums."""
+    """ops.layernorm_backward: dx in one kernel; db and dw as the two halves of one
+    column_sums tree, whose first level (layernorm_param_grads) sums dout and dout * xhat."""
     xhat, rstd, w = cache
     xp, dout = get_xp(dout), _contiguous(dout)
     C = xhat.shape[-1]
@@ -167,9 +168,12 @@ def layernorm_backward(dout, cache, ws=FRESH):
     dx = ws("dx", xhat.shape, dout)
     _rows("layernorm_backward", xp, rows, dout, xhat, rstd, _contiguous(w), dx,
           np.int32(rows), np.int32(C))
-    db = column_sums(dout.reshape(-1, C))
-    dw = column_sums(xp.multiply(dout, xhat, out=ws("tmp", xhat.shape, dout)).reshape(-1, C))
-    return dx, dw, db
+    chunks = math.ceil(rows / COLUMN_CHUNK)
+    part = xp.empty((chunks, 2 * C), dtype=sum_dtype(dout.dtype))  # (chunks, [db | dw])
+    _flat("layernorm_param_grads", xp, chunks * C, dout, xhat, part, np.int64(rows),
+          np.int32(C), np.int32(COLUMN_CHUNK))
+    sums = column_sums(part) if chunks > 1 else part.reshape(2 * C)  # (2C,)
+    return dx, sums[C:], sums[:C]
 
 
 # ----------------------------------------------------------------------------
@@ -275,27 +279,28 @@ FUSED = {"linear_forward": linear_forward, "linear_backward": linear_backward,
 # AdamW (used by optim.AdamW on a fused buffer)
 
 
-def adamw_runs(decay_spans, size):
-    """[(start, stop, decays)] covering 0..size: the stretches of the flat buffer that
-    AdamW updates with one launch each (decays: weight decay applies there)."""
-    runs, pos = [], 0
+def decay_mask(decay_spans, size, xp):
+    """A (size,) uint8 array on xp: 1 inside the spans of the flat buffer that weight decay
+    applies to (the matrices), 0 elsewhere. Made once; AdamW's one launch reads it."""
+    mask = np.zeros(size, dtype=np.uint8)
     for span in decay_spans:
-        if span.start > pos:
-            runs.append((pos, span.start, False))
-        runs.append((span.start, span.stop, True))
-        pos = span.stop
-    if pos < size:
-        runs.append((pos, size, False))
-    return runs
+        mask[span] = 1
+    return xp.asarray(mask)
 
 
-def adamw_update(p, g, m, v, runs, lr, betas, eps, weight_decay, bias1, bias2_sqrt):
-    """optim.AdamW's update of one flat float32 buffer, one kernel launch per run (float32
-    only: FLOAT32_ONLY)."""
-    xp = get_xp(p)
+def adamw_update(p, g, m, v, decays, lr, betas, eps, weight_decay, bias1, bias2_sqrt):
+    """optim.AdamW's update of one flat float32 buffer, in one launch (float32 only:
+    FLOAT32_ONLY). decays: decay_mask's array."""
     b1, b2 = (np.float32(b) for b in betas)
-    for start, stop, decays in runs:
-        decay = 1.0 - lr * weight_decay if decays else 1.0
-        _flat("adamw", xp, stop - start, p[start:stop], g[start:stop], m[start:stop],
-              v[start:stop], np.int64(stop - start), np.float32(decay), b1, b2,
-              np.float32(eps), np.float32(lr / bias1), np.float32(1.0 / bias2_sqrt))
+    _flat("adamw", get_xp(p), p.size, p, g, m, v, decays, np.int64(p.size),
+          np.float32(1.0 - lr * weight_decay), b1, b2, np.float32(eps), np.float32(lr / bias1),
+          np.float32(1.0 / bias2_sqrt))
+
+
+def adamw_skippable_update(p, g, m, v, decays, coef, eps):
+    """The same for a step that may be skipped: coef, a float32 array on the device, holds
+    optim.AdamW's coefficients [decay, c1, c2, unbias2, step], each times keep."""
+    xp = get_xp(p)
+    coef = xp.stack([xp.asarray(c, dtype=xp.float32) for c in coef])  # (5,) on the device
+    _flat("adamw_skippable", xp, p.size, p, g, m, v, decays, np.int64(p.size), coef,
+          np.float32(eps))

@@ -45,10 +45,11 @@ class AdamW:
                 self.decay[n] = _matrix_spans(params)
             else:
                 self.decay[n] = [slice(None)] if p.ndim >= 2 else []
-        # on a GPU, a float32 flat buffer is updated by one fused kernel per stretch
-        self.fused = {n: kernels.adamw_runs(self.decay[n], p.size) for n, p in _buffers(params)
-                      if n == "*" and p.dtype == "float32"
-                      and kernels.applies(get_xp(p), p.dtype)}
+        # on a GPU, a float32 flat buffer is updated by one fused kernel launch, which reads
+        # where weight decay applies from a mask
+        self.fused = {n: kernels.decay_mask(self.decay[n], p.size, get_xp(p))
+                      for n, p in _buffers(params)
+                      if n == "*" and p.dtype == "float32" and kernels.applies(get_xp(p), p.dtype)}
         self.scratch = {}  # per dtype: as long as the longest stretch updated at a time
         for n, p in _buffers(params):  # (a kernel needs none, but a skippable step does)
             size = max(min(p.size, CHUNK), len(self.scratch.get(p.dtype, ())))
@@ -85,6 +86,10 @@ class AdamW:
             c = [_scalar(x, p.dtype) for x in (1.0 - keep * lr * self.weight_decay,  # decay
                                                keep * (1.0 - b1), keep * (1.0 - b2),
                                                1.0 / bias2_sqrt, keep * lr / bias1)]
+            if n in self.fused:  # the same coefficients, read by the kernel on the device
+                kernels.adamw_skippable_update(p, gbufs[n], self.m[n], self.v[n],
+                                               self.fused[n], c, self.eps)
+                continue
             for span in self.decay[n]:
                 p[span] *= c[0]                             # decoupled weight decay
             p1, g1, m1, v1 = (a.reshape(-1) for a in (p, gbufs[n], self.m[n], self.v[n]))
