@@ -52,7 +52,8 @@
 #   TRAIN_DIR=/tmp/npgpt_gpu_check_${PRESET}_$TRAIN_DTYPE   TESTS_TIMEOUT=150   BENCH_TIMEOUT=120
 #   TESTS=the test files of step 1 (default: the six above; e.g. TESTS="tests/test_kernels.py
 #   tests/test_mixed.py" in a rerun after a kernel change)
-#   SKIP_TESTS=0  SKIP_BENCH=0   PYTHON=python3   NPGPT_DATA_DIR: the folder holding
+#   SKIP_TESTS=0  SKIP_BENCH=0  SKIP_TRAIN=0 (1: no step 3, and steps 1-2 keep no time for it)
+#   PYTHON=python3   NPGPT_DATA_DIR: the folder holding
 #   tinyshakespeare.txt (default: .data, shared/data or ../shared/data, the first that has
 #   it; without one train.py downloads the corpus, which needs the network)
 #   Estimate knobs: STARTUP_S=30 [10] (train.py's start, kernel compiles), MARGIN_S=45 [15]
@@ -72,8 +73,10 @@ SKIP_TESTS=${SKIP_TESTS:-0}
 SKIP_BENCH=${SKIP_BENCH:-0}
 TESTS_TIMEOUT=${TESTS_TIMEOUT:-150}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-120}
+SKIP_TRAIN=${SKIP_TRAIN:-0}
 BENCH_MIN_S=40    # the least time a benchmark run is started with
 TRAIN_MIN_S=120   # the least time steps 1-2 leave for step 3
+[ "$SKIP_TRAIN" = 1 ] && TRAIN_MIN_S=0
 if [ "$DEVICE" = gpu ]; then
   BENCH_CONFIG=${BENCH_CONFIG:-lecture}; BENCH_STEPS=${BENCH_STEPS:-30}
   PRESET=${PRESET:-lecture}; STARTUP_S=${STARTUP_S:-30}; MARGIN_S=${MARGIN_S:-45}
@@ -339,7 +342,10 @@ PY
 resume_flag=()
 start_iter=0
 step_ms=""; step_src=""
-if [ "$RESUME" = 1 ]; then
+if [ "$SKIP_TRAIN" = 1 ]; then
+  note "[3] SKIP_TRAIN=1: step 3 not run"
+  start_iter=-1
+elif [ "$RESUME" = 1 ]; then
   if [ -f "$TRAIN_DIR/ckpt.npz" ]; then
     start_iter=$("$PY" -c "
 import json, sys, numpy as np
