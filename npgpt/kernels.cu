@@ -94,6 +94,40 @@ extern "C" __global__ void add_bias_f16(half_t* __restrict__ out, const half_t* 
 }
 
 // ---------------------------------------------------------------------------------------
+// the token embedding's gradient, one thread per (token v, column c): the rows of dout
+// whose token is v, added in a fixed order (by position), so that every run gets the same
+// bits (a scatter-add with atomics would not). order lists the N rows sorted by (token,
+// position); the rows of token v are order[starts[v]] .. order[starts[v + 1] - 1]:
+//   dwte[v, c] = sum over those rows r of dout[r, c]       (0 for a token not in the batch)
+
+template <typename T>
+__device__ __forceinline__ void token_sums_columns(
+        const T* __restrict__ dout, const long long* __restrict__ order,
+        const long long* __restrict__ starts, float* __restrict__ dwte, long long V, int C) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < V * C;
+         i += (long long)gridDim.x * blockDim.x) {
+        long long v = i / C, c = i % C;
+        float acc = 0.0f;
+        for (long long k = starts[v]; k < starts[v + 1]; ++k) acc += ld(dout, order[k] * C + c);
+        dwte[i] = acc;
+    }
+}
+
+extern "C" __global__ void token_sums(const float* __restrict__ dout,
+                                      const long long* __restrict__ order,
+                                      const long long* __restrict__ starts,
+                                      float* __restrict__ dwte, long long V, int C) {
+    token_sums_columns(dout, order, starts, dwte, V, C);
+}
+
+extern "C" __global__ void token_sums_f16(const half_t* __restrict__ dout,
+                                          const long long* __restrict__ order,
+                                          const long long* __restrict__ starts,
+                                          float* __restrict__ dwte, long long V, int C) {
+    token_sums_columns(dout, order, starts, dwte, V, C);
+}
+
+// ---------------------------------------------------------------------------------------
 // LayerNorm, one row of C per warp
 //   mean = sum(x)/C;  var = sum((x - mean)^2)/C;  rstd = 1/sqrt(var + eps)
 //   xhat = (x - mean) * rstd;  out = xhat * w + b

@@ -127,6 +127,30 @@ def column_sums(a):
 
 
 # ----------------------------------------------------------------------------
+# embedding
+
+
+def embedding_backward(dout, cache, ws=FRESH):
+    """ops.embedding_backward: dwte by one kernel over the rows sorted by token (in place
+    of the plain GPU code's log2(N) passes of a segmented scan), dwpe as there."""
+    idx, wte_shape, wpe_shape = cache
+    xp, dout = get_xp(dout), _contiguous(dout)
+    T, C = dout.shape[1:]
+    V, N = wte_shape[0], idx.size
+    acc = sum_dtype(dout.dtype)
+    ids = idx.reshape(-1).astype(xp.int64)             # (N,)
+    order = xp.argsort(ids * N + xp.arange(N))         # rows by (token, position)
+    starts = xp.searchsorted(ids[order], xp.arange(V + 1))  # (V+1,) token v's first row
+    dwte = ws("dwte", wte_shape, dout, acc)
+    _flat("token_sums", xp, V * C, dout, order.astype(xp.int64, copy=False),
+          starts.astype(xp.int64, copy=False), dwte, np.int64(V), np.int32(C))
+    dwpe = ws("dwpe", wpe_shape, dout, acc)
+    dwpe[T:] = 0
+    dout.sum(axis=0, dtype=acc, out=dwpe[:T])
+    return dwte, dwpe
+
+
+# ----------------------------------------------------------------------------
 # linear: the products stay cuBLAS's; the bias and its gradient by kernels
 
 
@@ -267,7 +291,8 @@ def cross_entropy_backward(dloss, cache, ws=FRESH):
     return (dlogits.reshape(shape),)
 
 
-FUSED = {"linear_forward": linear_forward, "linear_backward": linear_backward,
+FUSED = {"embedding_backward": embedding_backward,
+         "linear_forward": linear_forward, "linear_backward": linear_backward,
          "layernorm_forward": layernorm_forward, "layernorm_backward": layernorm_backward,
          "gelu_forward": gelu_forward, "gelu_backward": gelu_backward,
          "attention_forward": attention_forward, "attention_backward": attention_backward,

@@ -22,7 +22,7 @@ layers of every block write their forward results into scratch["residual"], and 
 block adds them into the stream in place.
 
 The layers with a fused GPU kernel (LayerNorm, attention, the MLP's GELU, the linear
-layers' bias gradient) call their op through `self.ops`: npgpt.ops itself, or
+layers' bias and its gradient, the embedding's gradient) call their op through `self.ops`: npgpt.ops itself, or
 kernels.fused_ops's table, which the model chooses once (see kernels.py); the others call
 npgpt.ops directly.
 """
@@ -179,10 +179,10 @@ class Embedding:
     the tied head: both build a (V, C) gradient of wte in turn, in the same memory (for
     GPT-2, 154 MB once instead of twice)."""
 
-    def __init__(self, params, grads, ws):
+    def __init__(self, params, grads, ws, ops=ops):
         self.wte, self.wpe = params["transformer.wte.weight"], params["transformer.wpe.weight"]
         self.dwte, self.dwpe = grads["transformer.wte.weight"], grads["transformer.wpe.weight"]
-        self.ws = ws
+        self.ws, self.ops = ws, ops
 
     def forward(self, idx, pos=0):
         """pos: position of idx[:, 0] (non-zero when continuing from a KV cache)."""
@@ -190,7 +190,7 @@ class Embedding:
         return out
 
     def backward(self, dout):
-        dwte, dwpe = ops.embedding_backward(dout, self.cache, self.ws)
+        dwte, dwpe = self.ops.embedding_backward(dout, self.cache, self.ws)
         self.dwte += dwte
         self.dwpe += dwpe
 

@@ -96,7 +96,7 @@ class GPT:
         reuse = self._reuse
         scratch = defaultdict(lambda: Workspace(reuse))  # shared by every block (layers.py)
         vocab_ws = scratch["vocab"]  # the (V, C) scratch of the embedding and the tied head
-        self.embedding = Embedding(p, g, vocab_ws)
+        self.embedding = Embedding(p, g, vocab_ws, ops=self.ops)
         self.drop = Dropout(config.dropout, self.rng)
         self.blocks = [Block(p, g, f"transformer.h.{i}", config, self.rng, scratch, self.ops)
                        for i in range(config.n_layer)]

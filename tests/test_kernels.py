@@ -97,6 +97,28 @@ def test_column_sums(xp, monkeypatch, shape):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_embedding_backward_sums_each_tokens_rows_in_position_order(xp, monkeypatch, dtype):
+    monkeypatch.setattr(kernels, "MAX_BLOCKS", 2)  # 11 x 40 threads > 2 blocks: the stride
+    idx = rng.integers(0, 9, (5, 23))
+    idx[idx > 5] = 3                  # token 3 is most of the batch; 6-8 never occur
+    wte, wpe = rng.standard_normal((11, 40)), rng.standard_normal((30, 40))
+    dout = f32(xp, rng.standard_normal((5, 23, 40)), dtype)
+    _, cache = ops.embedding_forward(xp.asarray(idx), f32(xp, wte, dtype), f32(xp, wpe, dtype))
+    dwte, dwpe = kernels.embedding_backward(dout, cache)
+    want = ops.embedding_backward(as64(dout), ops.embedding_forward(idx, wte, wpe)[1])
+    assert_matches(dwte, want[0])     # float32 (a float16 model's gradients too)
+    assert_matches(dwpe, want[1])
+    assert np.all(to_numpy(dwte)[6:] == 0.0)
+    # the order it documents: each token's rows one after another, by position
+    rows = to_numpy(dout).reshape(-1, 40)
+    for v in range(6):
+        acc = np.zeros(40, np.float32)
+        for r in np.flatnonzero(idx.reshape(-1) == v):
+            acc += rows[r]
+        np.testing.assert_array_equal(to_numpy(dwte)[v], acc)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_add_bias_and_linear_forward(xp, monkeypatch, dtype):
     monkeypatch.setattr(kernels, "COLUMN_THREADS", 32)  # 70 columns: 3 blocks, the last
     monkeypatch.setattr(kernels, "ROW_STRIDE", 4)       # partly idle; 2*9 rows in 4 strides
@@ -362,7 +384,7 @@ def test_fused_ops_replace_the_plain_ones_signature_for_signature(monkeypatch):
     for name, fn in kernels.FUSED.items():
         assert getattr(table, name) is fn
         assert called_with(fn) == called_with(getattr(ops, name)), name
-    assert table.embedding_forward is ops.embedding_forward
+    assert table.embedding_forward is ops.embedding_forward  # (no kernel: a gather)
     # the plain code wherever the kernels do not apply
     assert kernels.fused_ops(fake, "float16").layernorm_forward is kernels.layernorm_forward
     assert kernels.fused_ops(np, "float32") is ops
