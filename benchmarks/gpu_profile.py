@@ -9,6 +9,12 @@ GPU-bound, a smaller one that the host's queueing is the limit.
 
     python benchmarks/gpu_profile.py --tf32             # the lecture step, fused, TF32
     NPGPT_FUSED=0 python benchmarks/gpu_profile.py      # the plain CuPy array code
+    python benchmarks/gpu_profile.py --tf32 --host      # the host's side: where the Python
+                                                        # time of a step goes (cProfile)
+
+--host answers the other question: when the GPU waits for the host, which calls take the
+host's time. It times the steps without any profiler first (the step's true wall time),
+then runs them under cProfile and lists the functions by their own time.
 
 Needs a GPU, CuPy and a CUDA build of PyTorch (for its profiler only).
 """
@@ -31,6 +37,8 @@ def main():
     p.add_argument("--steps", type=int, default=4, help="profiled steps (after 5 warm-up)")
     p.add_argument("--top", type=int, default=12, help="kernels to list")
     p.add_argument("--data", default=None, help="corpus (default: the preset's)")
+    p.add_argument("--host", action="store_true",
+                   help="profile the host's Python time (cProfile) instead of the GPU's")
     args = p.parse_args()
     if not gpu_available():
         raise SystemExit("gpu_profile.py: needs a GPU that CuPy can use")
@@ -46,6 +54,9 @@ def main():
     for _ in range(5):
         trainer.train_step()
     sync()
+    if args.host:
+        host_profile(trainer, sync, args)
+        return
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
         for _ in range(args.steps):
@@ -60,6 +71,34 @@ def main():
           f"per step, GPU kernels {gpu_ms:.1f} ms per step ({args.steps} steps profiled)")
     for name, ms, count in rows[:args.top]:
         print(f"  {ms:7.2f} ms {100 * ms / gpu_ms:4.0f}%  {count:5.0f} calls  {name[:70]}")
+
+
+def host_profile(trainer, sync, args):
+    """The steps' wall time with no profiler, then their host time under cProfile."""
+    import cProfile
+    import pstats
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        trainer.train_step()
+    sync()
+    wall_ms = (time.perf_counter() - start) * 1e3 / args.steps
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    for _ in range(args.steps):
+        trainer.train_step()
+    sync()
+    profiler.disable()
+    profiled_ms = (time.perf_counter() - start) * 1e3 / args.steps
+    stats = pstats.Stats(profiler)
+    calls = sum(n for n, *_ in stats.stats.values()) / args.steps
+    print(f"{args.preset}, {args.dtype}: wall {wall_ms:.1f} ms per step without a profiler, "
+          f"{profiled_ms:.1f} ms under cProfile; {calls:,.0f} Python-level calls per step")
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])  # by own (total) time
+    for (path, line, name), (_, n, own, cum, _) in rows[:args.top]:
+        where = f"{path.rsplit('/', 1)[-1]}:{line}" if line else path
+        print(f"  own {own * 1e3 / args.steps:6.2f} ms  cum {cum * 1e3 / args.steps:6.2f} ms  "
+              f"{n / args.steps:6.0f} calls  {name} ({where})"[:118])
 
 
 if __name__ == "__main__":
