@@ -27,7 +27,8 @@
 #                               float32 against torch.autocast(float16) + GradScaler
 #   (2e, 2f: lines in summary.txt) benchmarks/gpu_products.py: attention's batched products,
 #                               npgpt's against CuPy's and PyTorch's; benchmarks/gpu_profile.py
-#                               --tf32 and --dtype float16: the fused steps' GPU time kernel by kernel
+#                               --tf32 and --dtype float16: the fused steps' GPU time kernel by
+#                               kernel; --tf32 --host: the TF32 step's host time by function
 #   3_lecture_train.log         python train.py --preset lecture --device gpu --tf32
 #   3_lecture_log.jsonl         that run's log.jsonl (evals: iter, train_loss, val_loss, ...)
 #   (3_lecture_loss.png         its loss curves, only when fewer than 8 files are there)
@@ -280,8 +281,8 @@ if [ "$RESUME" != 1 ] && [ "$SKIP_BENCH" != 1 ]; then
     echo "$prod" | sed 's/^/[2e]   /' | tee -a "$SUMMARY"
   fi
   # 2f: the TF32 and float16 steps' GPU time kernel by kernel (torch.profiler sees CuPy's
-  # kernels too)
-  for flags in "--tf32" "--dtype float16"; do
+  # kernels too), then the TF32 step's host time function by function (cProfile)
+  for flags in "--tf32" "--dtype float16" "--tf32 --host"; do
     if [ "$DEVICE" = gpu ] && [ "$(left)" -gt $((TRAIN_MIN_S + 60)) ]; then
       t=$SECONDS
       # shellcheck disable=SC2086  # (flags: two words for --dtype float16)
