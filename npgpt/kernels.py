@@ -1,8 +1,8 @@
-"""Fused CUDA kernels (kernels.cu) behind the same signatures as the ops they replace.
+"""Fused CUDA kernels (kernels_*.cu) behind the same signatures as the ops they replace.
 
 On a GPU the plain array code of ops.py makes one pass over memory per NumPy-style
 expression: LayerNorm's forward is about ten, a softmax four. Each kernel here does the
-same math in one pass (its formula is written above it in kernels.cu, and
+same math in one pass (its formula is written above it in the .cu file, and
 tests/test_kernels.py checks it against the plain op). `fused_ops(xp, dtype)` hands a
 model either ops.py itself or a namespace where these functions stand in for the plain
 ones, signature for signature; the model chooses once, when its parameters are
@@ -34,14 +34,16 @@ from . import ops
 from .arrays import FRESH, sum_dtype
 from .backend import get_xp
 
-SOURCE = Path(__file__).with_name("kernels.cu")
+# the CUDA source, by concern: the shared helpers first (storage types, warp sums)
+SOURCES = tuple(Path(__file__).with_name(f"kernels_{part}.cu")
+                for part in ("common", "layers", "attention", "loss"))
 WARPS = 4            # row kernels: warps (rows) per block of 128 threads
 THREADS = 256        # flat kernels: threads per block
 MAX_BLOCKS = 1 << 16  # flat kernels loop over the rest (grid-stride)
 COLUMN_THREADS = 128  # column kernels: columns per block
 ROW_STRIDE = 512     # column kernels: blocks along the rows (each takes every 512th row)
 COLUMN_CHUNK = 32    # column_sums: rows per partial sum (8192 rows: 3 launches)
-# the kernel a launch runs, by the dtype of its first array: kernels.cu's `name` for float32
+# the kernel a launch runs, by the dtype of its first array: the `name` for float32
 # arrays, `name_f16` for float16 ones (AdamW, on float32 master weights, has only the first)
 SUFFIX = {np.dtype(np.float32): "", np.dtype(np.float16): "_f16"}
 FLOAT32_ONLY = {"adamw", "adamw_skippable"}
@@ -67,9 +69,14 @@ def fused_ops(xp, dtype):
     return types.SimpleNamespace(**{**names, **FUSED})
 
 
+def source():
+    """The kernels_*.cu files as the one CUDA program that RawModule compiles."""
+    return "\n".join(path.read_text() for path in SOURCES)
+
+
 @functools.lru_cache(maxsize=4)
 def _module(xp):
-    return xp.RawModule(code=SOURCE.read_text(), options=("--std=c++17",))
+    return xp.RawModule(code=source(), options=("--std=c++17",))
 
 
 @functools.lru_cache(maxsize=64)

@@ -8,7 +8,7 @@
 //   __shfl_xor_sync(mask, var, laneMask, width = 32) for float, double, int, unsigned,
 //       long long; the full mask 0xffffffff and width 32 only
 //   expf logf tanhf sqrtf fmaxf fminf fabsf (libm's), rsqrtf, INFINITY, size_t
-//   f16_bits_to_float, float_to_f16_bits: what kernels.cu does with the GPU's cvt
+//   f16_bits_to_float, float_to_f16_bits: what kernels_common.cu does with the GPU's cvt
 //       instructions (inline PTX, compiled only where __CUDA_ARCH__ is defined), done by
 //       g++'s _Float16: exact widening, rounding to nearest even
 // Anything else a kernel uses (__syncthreads, __shared__, atomics, printf, other math)
@@ -46,7 +46,7 @@ float fabsf(float) noexcept;
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 #define INFINITY (__builtin_inff())
 
-// IEEE binary16 bits <-> float (kernels.cu's half_t holds the bits)
+// IEEE binary16 bits <-> float (kernels_common.cu's half_t holds the bits)
 inline float f16_bits_to_float(unsigned short h) {
     _Float16 v;
     __builtin_memcpy(&v, &h, sizeof v);

@@ -47,7 +47,7 @@ TYPES = {
     "unsigned int": (np.uint32, ctypes.c_uint32), "long long": (np.int64, ctypes.c_int64),
     "long long int": (np.int64, ctypes.c_int64), "unsigned char": (np.uint8, ctypes.c_uint8),
     "bool": (np.bool_, ctypes.c_bool),
-    "half_t": (np.float16, ctypes.c_uint16)}  # kernels.cu's float16 storage (16 bits)
+    "half_t": (np.float16, ctypes.c_uint16)}  # kernels_common.cu's float16 storage
 
 TEMPLATE = """
 #define EMUCUDA_IMPLEMENTATION

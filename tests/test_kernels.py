@@ -1,6 +1,6 @@
-"""The fused CUDA kernels (npgpt/kernels.cu) against the plain ops they replace.
+"""The fused CUDA kernels (npgpt/kernels_*.cu) against the plain ops they replace.
 
-Each case runs on two devices: "emulated" compiles kernels.cu with g++ against the CUDA
+Each case runs on two devices: "emulated" compiles kernels.source() with g++ against the CUDA
 emulator of emulated_cuda.py (every machine with a C++ compiler, so CI runs every kernel),
 and "cuda" on a real GPU through CuPy (skipped without one). The reference is the plain
 op in float64 on the CPU; the kernels compute in float32, so results agree to float32

@@ -1,9 +1,10 @@
-"""NVRTC, the compiler behind CuPy's RawModule, compiles npgpt/kernels.cu: no GPU needed.
+"""NVRTC, the compiler behind CuPy's RawModule, compiles npgpt's kernels: no GPU needed.
 
-On a GPU, kernels.py hands kernels.cu to `cupy.RawModule`, which compiles it with NVRTC
-when the first kernel is looked up. The emulator (emulated_cuda.py) runs the same code
-through g++, which accepts things NVRTC refuses: a header NVRTC cannot find, a GCC
-builtin, a library call with no device version. Here NVRTC itself compiles kernels.cu:
+On a GPU, kernels.py hands kernels.source() (npgpt/kernels_*.cu, as one program) to
+`cupy.RawModule`, which compiles it with NVRTC when the first kernel is looked up. The
+emulator (emulated_cuda.py) runs the same code through g++, which accepts things NVRTC
+refuses: a header NVRTC cannot find, a GCC builtin, a library call with no device version.
+Here NVRTC itself compiles that source:
 the NVRTC of CUDA 12 (the gpu extra's CuPy) and of CUDA 13 (gpu-cuda13's), each from its
 NVIDIA wheel (the test extra installs both on Linux x86-64; a missing one is skipped),
 called through ctypes, for compute capability 8.0 (A100) and 9.0 (H100).
@@ -23,7 +24,7 @@ and `_compile_using_nvrtc_no_warning` in cupy/cuda/compiler.py):
   -I folders    CCCL's (cub, thrust, libcudacxx), cupy/_core/include and the CUDA
                 headers. Left out here: they exist only where CuPy and the CUDA headers
                 are installed, and they matter only to #include lines, of which
-                kernels.cu has none (test_kernels_cu_includes_nothing holds that), so
+                the source has none (test_kernels_cu_includes_nothing holds that), so
                 NVRTC compiles the same program without them. NVRTC ignores an -I
                 folder that does not exist, so passing made-up paths would prove nothing.
 RawModule's other defaults leave the source as it is: backend 'nvrtc', no CuPy headers
@@ -163,7 +164,7 @@ PTXAS_USAGE = re.compile(r"Compiling entry function '(\w+)'.*?(\d+) bytes stack 
 
 @functools.lru_cache(maxsize=None)
 def compile_kernels(nvrtc, cc):
-    """kernels.cu compiled as CuPy's RawModule would for sm_`cc`, with ptxas's report."""
+    """kernels.source() compiled as CuPy's RawModule would for sm_`cc`, with ptxas's report."""
     arguments = raw_module_arguments()
     return nvrtc.compile(arguments["code"], cupy_options(arguments["options"], cc)
                          + ("--ptxas-options=-v",))
@@ -186,22 +187,22 @@ def nvrtc(request):
 
 def test_kernels_py_passes_only_source_and_options():
     arguments = raw_module_arguments()
-    assert arguments["code"] == kernels.SOURCE.read_text()
+    assert arguments["code"] == kernels.source()
     assert set(arguments) == {"code", "options"}, (
         f"kernels.py now passes {sorted(set(arguments) - {'code', 'options'})} to "
         "RawModule; make cupy_options do with them what CuPy does")
 
 
 def test_kernels_cu_includes_nothing():
-    includes = re.findall(r"^\s*#\s*include.*$", kernels.SOURCE.read_text(), re.MULTILINE)
+    includes = re.findall(r"^\s*#\s*include.*$", kernels.source(), re.MULTILINE)
     assert not includes, (
-        f"kernels.cu now has {includes}: CuPy adds -I folders for CCCL, its own headers and "
+        f"kernels_*.cu now have {includes}: CuPy adds -I folders for CCCL, its own headers and "
         "the CUDA headers, which this test leaves out; add the folder the header lives in "
         "to cupy_options (from the wheel that ships it) so NVRTC here can find it")
 
 
 def test_every_kernel_kernels_py_launches_is_defined_extern_c():
-    defined = set(re.findall(r'extern "C" __global__ void (\w+)\(', kernels.SOURCE.read_text()))
+    defined = set(re.findall(r'extern "C" __global__ void (\w+)\(', kernels.source()))
     assert launched_kernels() == defined  # (the AST walk finds every launch)
 
 
