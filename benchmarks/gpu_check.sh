@@ -286,7 +286,8 @@ if [ "$RESUME" != 1 ] && [ "$SKIP_BENCH" != 1 ]; then
     if [ "$DEVICE" = gpu ] && [ "$(left)" -gt $((TRAIN_MIN_S + 60)) ]; then
       t=$SECONDS
       # shellcheck disable=SC2086  # (flags: two words for --dtype float16)
-      prof=$(NPGPT_FUSED=1 timeout -k 5 90 "$PY" benchmarks/gpu_profile.py $flags 2>&1 | grep -v '^\(USDT\|ERROR\|WARNING\|STAGE\):' | tail -n 13)
+      lines=13; [ "${flags#*--host}" != "$flags" ] && lines=27  # (host: two tables of 12)
+      prof=$(NPGPT_FUSED=1 timeout -k 5 90 "$PY" benchmarks/gpu_profile.py $flags 2>&1 | grep -v '^\(USDT\|ERROR\|WARNING\|STAGE\):' | tail -n "$lines")
       note "[2f] NPGPT_FUSED=1 benchmarks/gpu_profile.py $flags (wall $((SECONDS - t))s):"
       echo "$prof" | sed 's/^/[2f]   /' | tee -a "$SUMMARY"
     fi

@@ -94,11 +94,17 @@ def host_profile(trainer, sync, args):
     calls = sum(n for n, *_ in stats.stats.values()) / args.steps
     print(f"{args.preset}, {args.dtype}: wall {wall_ms:.1f} ms per step without a profiler, "
           f"{profiled_ms:.1f} ms under cProfile; {calls:,.0f} Python-level calls per step")
-    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])  # by own (total) time
-    for (path, line, name), (_, n, own, cum, _) in rows[:args.top]:
-        where = f"{path.rsplit('/', 1)[-1]}:{line}" if line else path
-        print(f"  own {own * 1e3 / args.steps:6.2f} ms  cum {cum * 1e3 / args.steps:6.2f} ms  "
-              f"{n / args.steps:6.0f} calls  {name} ({where})"[:118])
+    def show(rows):
+        for (path, line, name), (_, n, own, cum, _) in rows[:args.top]:
+            where = f"{path.rsplit('/', 1)[-1]}:{line}" if line else path
+            print(f"  own {own * 1e3 / args.steps:6.2f} ms  cum {cum * 1e3 / args.steps:6.2f} ms  "
+                  f"{n / args.steps:6.0f} calls  {name} ({where})"[:118])
+
+    print("by own time (CuPy's and Python's internals included):")
+    show(sorted(stats.stats.items(), key=lambda kv: -kv[1][2]))
+    print("npgpt's functions by cumulative time:")
+    show(sorted(((k, v) for k, v in stats.stats.items() if "/npgpt/" in k[0]),
+                key=lambda kv: -kv[1][3]))
 
 
 if __name__ == "__main__":
