@@ -6,6 +6,7 @@ import pytest
 
 from conftest import cut_into_blocks
 from npgpt import arrays, ops
+from npgpt.arrays import FRESH, Workspace
 from npgpt.gradcheck import check_op, numerical_grad, rel_error
 
 TOL = 1e-6
@@ -200,3 +201,19 @@ def test_numerical_grad_itself():
     x = randn(3, 4)
     g = numerical_grad(lambda: np.sum(np.sin(x)), x)
     assert rel_error(g, np.cos(x)) < 1e-9
+
+
+def test_a_workspace_hands_out_its_memory_by_name_and_shape():
+    ws, like = Workspace(), np.zeros(1, np.float32)
+    a = ws("x", (2, 3), like)
+    assert ws("x", (2, 3), like) is a            # the same shape: the same view
+    b = ws("x", (3, 2), like)                    # another shape: the same memory
+    assert b.shape == (3, 2) and np.shares_memory(a, b)
+    c = ws("x", (4, 4), like)                    # larger: new memory, kept from now on
+    assert c.shape == (4, 4) and not np.shares_memory(a, c)
+    assert np.shares_memory(ws("x", (2, 3), like), c)
+    d = ws("x", (2, 3), like, np.dtype(np.float64))  # one array per dtype
+    assert d.dtype == np.float64 and not np.shares_memory(d, c)
+    assert not np.shares_memory(ws("y", (2, 3), like), c)  # one array per name
+    fresh = [FRESH("x", (2, 3), like) for _ in range(2)]   # FRESH: always new
+    assert fresh[0].shape == (2, 3) and not np.shares_memory(*fresh)
