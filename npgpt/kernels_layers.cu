@@ -157,6 +157,15 @@ extern "C" __global__ void layernorm_backward_f16(
 // than the memory allows: one column per block, strided reads.) The sums are float for
 // float16 rows too: only the first level reads half_t.
 
+// thread i's share of a level: chunk s, column c, the chunk's rows begin .. end - 1
+// (the last chunk may be short); a level has ceil(N / R) * C of them
+struct ChunkColumn { long long s, c, begin, end; };
+
+__device__ __forceinline__ ChunkColumn chunk_column(long long i, long long N, int C, int R) {
+    long long s = i / C, end = (s + 1) * R < N ? (s + 1) * R : N;
+    return {s, i % C, s * R, end};
+}
+
 template <typename T>
 __device__ __forceinline__ void column_sums_level(const T* __restrict__ a,
                                                   float* __restrict__ part,
@@ -164,10 +173,9 @@ __device__ __forceinline__ void column_sums_level(const T* __restrict__ a,
     long long n = (N + R - 1) / R * C;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
-        long long s = i / C, c = i % C;
-        long long end = (s + 1) * R < N ? (s + 1) * R : N;
+        ChunkColumn q = chunk_column(i, N, C, R);
         float acc = 0.0f;
-        for (long long r = s * R; r < end; ++r) acc += ld(a, r * C + c);
+        for (long long r = q.begin; r < q.end; ++r) acc += ld(a, r * C + q.c);
         part[i] = acc;
     }
 }
@@ -195,16 +203,15 @@ __device__ __forceinline__ void layernorm_param_grads_level(
     long long n = (N + R - 1) / R * C;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
-        long long s = i / C, c = i % C;
-        long long end = (s + 1) * R < N ? (s + 1) * R : N;
+        ChunkColumn q = chunk_column(i, N, C, R);
         float db = 0.0f, dw = 0.0f;
-        for (long long r = s * R; r < end; ++r) {
-            float d = ld(dout, r * C + c);
+        for (long long r = q.begin; r < q.end; ++r) {
+            float d = ld(dout, r * C + q.c);
             db += d;
-            dw += d * ld(xhat, r * C + c);
+            dw += d * ld(xhat, r * C + q.c);
         }
-        part[s * 2 * C + c] = db;
-        part[s * 2 * C + C + c] = dw;
+        part[q.s * 2 * C + q.c] = db;
+        part[q.s * 2 * C + C + q.c] = dw;
     }
 }
 

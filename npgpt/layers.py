@@ -22,9 +22,9 @@ layers of every block write their forward results into scratch["residual"], and 
 block adds them into the stream in place.
 
 The layers with a fused GPU kernel (LayerNorm, attention, the MLP's GELU, the linear
-layers' bias and its gradient, the embedding's gradient) call their op through `self.ops`: npgpt.ops itself, or
-kernels.fused_ops's table, which the model chooses once (see kernels.py); the others call
-npgpt.ops directly.
+layers' bias and its gradient, the embedding's gradient) call their op through
+`self.ops`: npgpt.ops itself, or kernels.fused_ops's table, which the model chooses once
+(see kernels.py); the others call npgpt.ops directly.
 """
 from . import ops
 from .arrays import Workspace

@@ -48,10 +48,12 @@ class AdamW:
         # on a GPU, a float32 flat buffer is updated by one fused kernel launch, which reads
         # where weight decay applies from a mask
         self.fused = {n: kernels.decay_mask(self.decay[n], p.size, get_xp(p))
-                      for n, p in _buffers(params)
-                      if n == "*" and p.dtype == "float32" and kernels.applies(get_xp(p), p.dtype)}
+                      for n, p in _buffers(params) if n == "*" and p.dtype == "float32"
+                      and kernels.applies(get_xp(p), p.dtype)}
         self.scratch = {}  # per dtype: as long as the longest stretch updated at a time
-        for n, p in _buffers(params):  # (a kernel needs none, but a skippable step does)
+        for n, p in _buffers(params):  # (the array code's; a kernel needs none)
+            if n in self.fused:
+                continue
             size = max(min(p.size, CHUNK), len(self.scratch.get(p.dtype, ())))
             self.scratch[p.dtype] = get_xp(p).empty(size, dtype=p.dtype)
 
