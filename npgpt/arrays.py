@@ -100,8 +100,8 @@ def row_blocks(*arrays):
 
 
 def matmul(a, b, out=None):
-    """a @ b (into `out`, else a new array of a's dtype). On a GPU, stacks of matrices
-    (attention's) go to cuBLAS through gemm.batched_matmul.
+    """a @ b (into `out`, else a new array of a's dtype). On a GPU, matrices and stacks
+    of them (attention's) go to cuBLAS through gemm.batched_matmul.
 
     float16 inputs are multiplied with float32 sums and the result rounded to float16
     once, as a GPU's tensor cores do: CuPy's float16 product does that itself. NumPy's
@@ -109,8 +109,8 @@ def matmul(a, b, out=None):
     are copied to float32 (exact: every float16 is a float32), multiplied by float32 BLAS
     and the result rounded once: the same numbers, at float32's speed plus two copies."""
     xp = get_xp(a)
-    if xp is not np:  # stacks of matrices through cuBLAS directly (gemm.py), views and all
-        product = batched_matmul(xp, a, b, out) if a.ndim > 2 else None
+    if xp is not np:  # matrices and stacks of them through cuBLAS directly (gemm.py)
+        product = batched_matmul(xp, a, b, out)
         return xp.matmul(a, b, out=out) if product is None else product
     if a.dtype != np.float16:
         return xp.matmul(a, b, out=out)

@@ -1,4 +1,4 @@
-"""Batched matrix products on a GPU, straight through cuBLAS (arrays.matmul calls this).
+"""Matrix products on a GPU, straight through cuBLAS (arrays.matmul calls this).
 
 Attention multiplies stacks of matrices: (B,nh,T,hs) @ (B,nh,hs,T) and the like, where
 q, k, v and their gradients are strided views into the fused (B,T,3C) arrays and some
@@ -21,6 +21,9 @@ transpose flag, so the views go in as they are:
 - float32: CUBLAS_COMPUTE_32F, or _FAST_TF32 when CUPY_TF32 is set (as CuPy decides for
   its own products; backend.enable_tf32 sets it). float16: float16 in and out, float32
   sums (tensor cores), as arrays.matmul promises.
+A single (m, k) @ (k, n) product is a batch of one: CuPy's own 2-D matmul spent about
+58 us of host time per call in the TF32 lecture step's profile (75 calls), where this
+call to cuBLAS costs a fraction of that, and the step waits for the host.
 Anything else (float64, broadcast batch shapes, an operand with no unit stride in its
 last two axes) goes to xp.matmul. The test suite's stand-in GPU checks this mapping with
 an emulated cublasGemmStridedBatchedEx that reads NumPy memory through the same pointers.
@@ -66,11 +69,12 @@ def _batch_axes(shape, stride_lists):
 
 
 def batched_matmul(xp, a, b, out):
-    """out = a @ b for (..., m, k) @ (..., k, n) on a GPU through cuBLAS, or None when the
-    operands do not fit (the caller then uses xp.matmul). out: a (..., m, n) array whose
-    last axis has unit stride (a view is fine), or None for a new one."""
+    """out = a @ b for (..., m, k) @ (..., k, n) on a GPU through cuBLAS (no batch axes:
+    one product), or None when the operands do not fit (the caller then uses xp.matmul).
+    out: a (..., m, n) array whose last axis has unit stride (a view is fine), or None
+    for a new one."""
     dtype = a.dtype
-    if (dtype not in CUDA_TYPE or b.dtype != dtype or a.ndim < 3 or a.ndim != b.ndim
+    if (dtype not in CUDA_TYPE or b.dtype != dtype or a.ndim < 2 or a.ndim != b.ndim
             or a.shape[:-2] != b.shape[:-2] or 0 in a.shape or 0 in b.shape):
         return None
     m, k = a.shape[-2:]
@@ -86,6 +90,7 @@ def batched_matmul(xp, a, b, out):
     if any(s % item for x in (a, b, out) for s in x.strides[:-2]):
         return None
     axes = _batch_axes(a.shape[:-2], [[s // item for s in x.strides[:-2]] for x in (a, b, out)])
+    axes = axes or [(1, [0, 0, 0])]  # one (m, k) @ (k, n) product: a batch of one
     inner = max(range(len(axes)), key=lambda i: axes[i][0])  # cuBLAS's batch: the largest
     count, (stride_a, stride_b, stride_c) = axes[inner]
     others = [axes[i] for i in range(len(axes)) if i != inner]

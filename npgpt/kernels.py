@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from . import ops
-from .arrays import FRESH, sum_dtype
+from .arrays import FRESH, matmul, sum_dtype
 from .backend import get_xp
 
 # the CUDA source, by concern: the shared helpers first (storage types, warp sums)
@@ -229,12 +229,14 @@ def gelu_backward(dout, cache, ws=FRESH):
 
 
 # ----------------------------------------------------------------------------
-# attention: ops.attention_forward / backward with their softmax steps fused
+# attention: whole (T,T) rows (the kernels assume square rows: one launch per step
+# instead of one per tile, the masked half computed and zeroed), each head's matrices
+# made contiguous first, so that every batched product is one cuBLAS launch
 
 
 def causal_softmax(att, ws=FRESH, first=0):
     """ops.causal_softmax in one kernel, in place on att (B,nh,T,T), contiguous: whole
-    rows only (first = 0), which is why the fused attention below keeps tile=None."""
+    rows only (first = 0)."""
     T = att.shape[-1]
     if first != 0 or att.shape[-2] != T:
         raise ValueError(f"the fused causal softmax takes whole (T,T) rows, got a tile of "
@@ -245,23 +247,77 @@ def causal_softmax(att, ws=FRESH, first=0):
 
 
 def causal_softmax_backward(ds, att, rowdot, att_mask):
-    """ops.causal_softmax_backward in one kernel, in place on ds (B,nh,T,T). rowdot is
-    the transposed (B,T,nh,1) row-sum array that attention_backward hands over."""
-    B, nh, T, _ = att.shape
-    xp = get_xp(ds)
-    rowdot_btn = _contiguous(rowdot.transpose(0, 2, 1, 3))  # (B,nh,T,1) -> (B,T,nh,1)
-    mask = xp.zeros(1, att.dtype) if att_mask is None else _contiguous(att_mask)  # (unread)
+    """ops.causal_softmax_backward in one kernel, in place on ds (B,nh,T,T); rowdot
+    (B,nh,T,1) in sum_dtype (float32)."""
+    T = att.shape[-1]
     rows = ds.size // T
-    _rows("causal_softmax_backward", xp, rows, ds, att, rowdot_btn, mask,
-          np.int32(att_mask is not None), np.int32(rows), np.int32(T), np.int32(nh))
+    mask = att if att_mask is None else _contiguous(att_mask)  # (unread without dropout)
+    _rows("causal_softmax_backward", get_xp(ds), rows, ds, att, _contiguous(rowdot), mask,
+          np.int32(att_mask is not None), np.int32(rows), np.int32(T))
     return ds
 
 
-# The GPU keeps whole (T,T) rows: one launch per step instead of one per tile (the
-# kernels assume square rows), the masked half computed and zeroed as before.
-attention_forward = functools.partial(ops.attention_forward, softmax=causal_softmax, tile=None)
-attention_backward = functools.partial(ops.attention_backward,
-                                       softmax_backward=causal_softmax_backward)
+def _to_heads(tokens, heads, scale0=1.0):
+    """heads (parts,B,nh,T,hs) = tokens (B,T,parts*C) by heads (part 0 times scale0), as
+    the heads_transpose kernel (kernels_attention.cu) lays them out; returns heads."""
+    _heads_transpose(tokens, heads, heads, scale0, to_heads=1)
+    return heads
+
+
+def _to_tokens(heads, tokens, scale0=1.0):
+    """The way back: tokens (B,T,parts*C) from heads (parts,B,nh,T,hs); returns tokens."""
+    _heads_transpose(heads, tokens, heads, scale0, to_heads=0)
+    return tokens
+
+
+def _heads_transpose(src, dst, heads, scale0, to_heads):
+    parts, B, nh, T, hs = heads.shape
+    _flat("heads_transpose", get_xp(src), heads.size, src, dst, np.int64(heads.size),
+          np.int32(T), np.int32(nh), np.int32(hs), np.int32(parts), np.float32(scale0),
+          np.int32(to_heads))
+
+
+def attention_forward(qkv, n_head, att_mask=None, ws=FRESH):
+    """ops.attention_forward on whole rows, its math and steps (1)-(4) (see
+    ops.attention_backward), with q, k and v first copied out of qkv (B,T,3C) into one
+    (3,B,nh,T,hs) array, q already times scale: as strided views of qkv each product
+    would take nh cuBLAS launches (gemm.py), contiguous it takes one. The cache is
+    ops.AttentionCache with its y kept per head, (B,nh,T,hs), for the backward."""
+    xp, qkv = get_xp(qkv), _contiguous(qkv)
+    B, T, C3 = qkv.shape
+    nh, hs = n_head, C3 // (3 * n_head)
+    scale = 1.0 / math.sqrt(hs)
+    heads = ws("heads", (3, B, nh, T, hs), qkv)
+    _to_heads(qkv, heads, scale)                       # (B,T,3C) -> (3,B,nh,T,hs)
+    qs, k, v = heads                                   # (B,nh,T,hs) each, contiguous
+    att = matmul(qs, k.transpose(0, 1, 3, 2), out=ws("att", (B, nh, T, T), qkv))  # (1)
+    causal_softmax(att)                                                           # (2)
+    a = att if att_mask is None else xp.multiply(att, att_mask,
+                                                 out=ws("att_used", att.shape, qkv))  # (3)
+    yh = matmul(a, v, out=ws("yh", (B, nh, T, hs), qkv))                          # (4)
+    y = _to_tokens(yh[None], ws("y", (B, T, nh * hs), qkv))  # (1,B,nh,T,hs) -> (B,T,C)
+    return y, ops.AttentionCache(qs, k, v, [att], [a], att_mask, scale, yh)
+
+
+def attention_backward(dy, cache, ws=FRESH):
+    """ops.attention_backward on the forward's contiguous heads, each line inverting the
+    forward line with the same number: dq, dk and dv land in one (3,B,nh,T,hs) array,
+    copied into dqkv (B,T,3C) at the end with dq times scale."""
+    qs, k, v, (att,), (a,), att_mask, scale, yh = cache
+    xp, (B, nh, T, hs) = get_xp(dy), qs.shape
+    dyh = _to_heads(_contiguous(dy), ws("dyh", (1,) + yh.shape, dy))[0]  # (B,nh,T,hs)
+    dheads = ws("dheads", (3, B, nh, T, hs), dy)
+    dq, dk, dv = dheads
+    matmul(a.transpose(0, 1, 3, 2), dyh, out=dv)                       # (4) dv = a^T dy
+    ds = matmul(dyh, v.transpose(0, 1, 3, 2), out=ws("ds", att.shape, dy))  # (4) da
+    rows = B * nh * T
+    rowdot = ws("rowdot", (B, nh, T, 1), dy, sum_dtype(dy.dtype))     # dy_i . y_i
+    _rows("row_dots", xp, rows, dyh, yh, rowdot, np.int32(rows), np.int32(hs))
+    causal_softmax_backward(ds, att, rowdot, att_mask)                 # (3) and (2)
+    matmul(ds, k, out=dq)                                  # (1) dq = ds k (times scale below)
+    matmul(ds.transpose(0, 1, 3, 2), qs, out=dk)           # (1) dk = ds^T qs
+    dqkv = ws("dx", (B, T, 3 * nh * hs), dy)
+    return (_to_tokens(dheads, dqkv, scale),)          # (3,B,nh,T,hs) -> (B,T,3C)
 
 
 # ----------------------------------------------------------------------------

@@ -1,5 +1,76 @@
-// Attention's kernels: the causal softmax and its backward. (kernels_common.cu comes
-// first: see there.)
+// Attention's kernels: the heads' layout, the causal softmax and its backward.
+// (kernels_common.cu comes first: see there.)
+
+// ---------------------------------------------------------------------------------------
+// the heads' layout, one thread per element (a flat kernel). c_attn's output holds, for
+// each position, `parts` blocks of C = nh hs columns (q | k | v: parts = 3); attention's
+// batched products want each (part, batch, head) matrix of (T, hs) contiguous, so that
+// cuBLAS multiplies all B nh of them in one launch:
+//   tokens (B, T, parts, nh, hs)  <->  heads (parts, B, nh, T, hs)
+//   to_heads = 1:  heads[s, b, h, t, d] = tokens[b, t, s, h, d] * (s == 0 ? scale0 : 1)
+//   to_heads = 0:  tokens[b, t, s, h, d] = heads[s, b, h, t, d] * (s == 0 ? scale0 : 1)
+// (part 0 is q, or dq on the way back: attention's 1/sqrt(hs) rides along; each result is
+// rounded once). Thread i owns heads' element i: its writes (to_heads) or reads are
+// contiguous, and the other side's come in runs of hs.
+
+template <typename T>
+__device__ __forceinline__ void heads_transpose_elements(
+        const T* __restrict__ src, T* __restrict__ dst, long long n, int T_, int nh, int hs,
+        int parts, float scale0, int to_heads) {
+    long long per_part = n / parts;                 // B nh T hs
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        long long s = i / per_part, rest = i % per_part;
+        long long d = rest % hs, t = rest / hs % T_, h = rest / ((long long)hs * T_) % nh;
+        long long b = rest / ((long long)hs * T_ * nh);
+        long long j = ((b * T_ + t) * parts + s) * (nh * hs) + h * hs + d;  // tokens' index
+        float f = s == 0 ? scale0 : 1.0f;
+        if (to_heads) st(dst, i, ld(src, j) * f);
+        else st(dst, j, ld(src, i) * f);
+    }
+}
+
+extern "C" __global__ void heads_transpose(const float* __restrict__ src,
+                                           float* __restrict__ dst, long long n, int T,
+                                           int nh, int hs, int parts, float scale0,
+                                           int to_heads) {
+    heads_transpose_elements(src, dst, n, T, nh, hs, parts, scale0, to_heads);
+}
+
+extern "C" __global__ void heads_transpose_f16(const half_t* __restrict__ src,
+                                               half_t* __restrict__ dst, long long n, int T,
+                                               int nh, int hs, int parts, float scale0,
+                                               int to_heads) {
+    heads_transpose_elements(src, dst, n, T, nh, hs, parts, scale0, to_heads);
+}
+
+// ---------------------------------------------------------------------------------------
+// the dot product of each row of two (rows, n) matrices, one row per warp, in float:
+//   out[r] = sum_j a[r, j] b[r, j]
+// (attention's backward: rowdot_i = dy_i . y_i for each (batch, head, query) row)
+
+template <typename T>
+__device__ __forceinline__ void row_dots_rows(const T* __restrict__ a, const T* __restrict__ b,
+                                              float* __restrict__ out, int rows, int n) {
+    long long row = warp_row();
+    if (row >= rows) return;
+    long long r0 = row * n;
+    float sum = 0.0f;
+    for (int j = lane_id(); j < n; j += 32) sum += ld(a, r0 + j) * ld(b, r0 + j);
+    sum = warp_sum(sum);
+    if (lane_id() == 0) out[row] = sum;
+}
+
+extern "C" __global__ void row_dots(const float* __restrict__ a, const float* __restrict__ b,
+                                    float* __restrict__ out, int rows, int n) {
+    row_dots_rows(a, b, out, rows, n);
+}
+
+extern "C" __global__ void row_dots_f16(const half_t* __restrict__ a,
+                                        const half_t* __restrict__ b, float* __restrict__ out,
+                                        int rows, int n) {
+    row_dots_rows(a, b, out, rows, n);
+}
 
 // ---------------------------------------------------------------------------------------
 // causal softmax of attention scores, in place, one row of T per warp
@@ -34,18 +105,18 @@ extern "C" __global__ void causal_softmax_f16(half_t* __restrict__ att, int rows
 
 // softmax backward with the attention dropout, in place, one row of T per warp:
 //   ds = att * (da * mask - rowdot)      (ops.causal_softmax_backward)
-// row r = ((b nh + h) T + t) is query position t; its rowdot_i = dy_i . y_i is stored
-// (B, T, nh), float, and read once per row. Keys j > t have att = 0: ds is 0 there, and
-// neither att nor da is read. has_mask = 0: no dropout (mask is not read).
+// row r = ((b nh + h) T + t) is query position t; its rowdot_i = dy_i . y_i is rowdot[r]
+// (float, (B, nh, T) as row_dots writes it), read once per row. Keys j > t have att = 0:
+// ds is 0 there, and neither att nor da is read. has_mask = 0: no dropout (mask unread).
 template <typename T>
 __device__ __forceinline__ void causal_softmax_backward_rows(
         T* __restrict__ ds, const T* __restrict__ att, const float* __restrict__ rowdot,
-        const T* __restrict__ mask, int has_mask, int rows, int T_, int nh) {
+        const T* __restrict__ mask, int has_mask, int rows, int T_) {
     long long row = warp_row();
     if (row >= rows) return;
     int lane = lane_id();
-    long long t = row % T_, h = (row / T_) % nh, b = row / ((long long)T_ * nh);
-    float rd = rowdot[(b * T_ + t) * nh + h];
+    long long t = row % T_;
+    float rd = rowdot[row];
     long long r0 = row * T_;
     for (int j = lane; j < T_; j += 32) {
         if (j <= t) {
@@ -60,13 +131,13 @@ __device__ __forceinline__ void causal_softmax_backward_rows(
 extern "C" __global__ void causal_softmax_backward(
         float* __restrict__ ds, const float* __restrict__ att,
         const float* __restrict__ rowdot, const float* __restrict__ mask, int has_mask,
-        int rows, int T, int nh) {
-    causal_softmax_backward_rows(ds, att, rowdot, mask, has_mask, rows, T, nh);
+        int rows, int T) {
+    causal_softmax_backward_rows(ds, att, rowdot, mask, has_mask, rows, T);
 }
 
 extern "C" __global__ void causal_softmax_backward_f16(
         half_t* __restrict__ ds, const half_t* __restrict__ att,
         const float* __restrict__ rowdot, const half_t* __restrict__ mask, int has_mask,
-        int rows, int T, int nh) {
-    causal_softmax_backward_rows(ds, att, rowdot, mask, has_mask, rows, T, nh);
+        int rows, int T) {
+    causal_softmax_backward_rows(ds, att, rowdot, mask, has_mask, rows, T);
 }

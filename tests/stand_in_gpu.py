@@ -113,7 +113,11 @@ class EmulatedCublas:
         a = _matrices(A, dtype, transa, m, k, lda, strideA, count)
         b = _matrices(B, dtype, transb, k, n, ldb, strideB, count)
         c = _matrices(C, dtype, 0, m, n, ldc, strideC, count)
-        c[...] = np.matmul(a.astype(np.float32), b.astype(np.float32))
+        if count == 1:  # one product: the row-major one asked for, C^T = B^T A^T, by
+            # NumPy's 2-D matmul (BLAS, whose summation order depends on the operands' order)
+            c[0].T[...] = np.matmul(b[0].T.astype(np.float32), a[0].T.astype(np.float32))
+        else:
+            c[...] = np.matmul(a.astype(np.float32), b.astype(np.float32))
 
 
 class FakeCuPy:

@@ -1,5 +1,5 @@
-"""gemm.batched_matmul: stacks of matrices through cuBLAS's gemmStridedBatchedEx, views
-and transposed views passed as they are. On the stand-in GPU the call is emulated on the
+"""gemm.batched_matmul: matrices and stacks of them through cuBLAS's
+gemmStridedBatchedEx, views and transposed views passed as they are. On the stand-in GPU the call is emulated on the
 same memory (stand_in_gpu.EmulatedCublas, column-major as cuBLAS), so these tests check
 the row-major to column-major mapping: flags, leading dimensions, strides and offsets."""
 import numpy as np
@@ -60,6 +60,13 @@ def cases(fake, dtype):
          device(fake, rng.standard_normal((5, 3, 2)), dtype), None),
         ("one row, one column", device(fake, rng.standard_normal((2, 3, 1, 4)), dtype),
          device(fake, rng.standard_normal((2, 3, 4, 1)), dtype), None),
+        # single products, as the linear layers' x @ w, dout @ w^T and x^T @ dout
+        ("2-D", qkv.reshape(B * T, 3 * C), device(fake, rng.standard_normal((3 * C, 5)), dtype),
+         None),
+        ("2-D, b a transposed view", qkv.reshape(B * T, 3 * C),
+         device(fake, rng.standard_normal((5, 3 * C)), dtype).T, None),
+        ("2-D, a a transposed view, into a block of out", qkv.reshape(B * T, 3 * C).T,
+         dqkv.reshape(B * T, 3 * C)[:, :C], fake.zeros((3 * C, 2 * C), dtype=dtype)[:, C:]),
     ]
 
 

@@ -351,6 +351,29 @@ def test_the_fused_model_has_the_float64_models_gradients(xp):
                                    err_msg=name)
 
 
+def test_a_fused_step_sends_every_product_to_cublas_once(monkeypatch):
+    """On a GPU each call costs host time, and the step waits for the host: every product
+    of a fused training step is one cuBLAS call (none falls back to CuPy's matmul), and
+    attention's batched products too, on its contiguous heads (a strided view of qkv
+    would take a call per head)."""
+    fake = stand_in_gpu.install(monkeypatch, fused=True)
+
+    def no_matmul(*args, **kwargs):
+        raise AssertionError("a product fell back to xp.matmul (~60 us of host time on CuPy)")
+
+    monkeypatch.setattr(fake, "matmul", no_matmul, raising=False)
+    model = GPT(CFG, seed=2, device="gpu")
+    idx = rng.integers(0, CFG.vocab_size, (3, 37))
+    calls = fake.cuda.cublas.calls
+    model.forward(idx[:, :-1], idx[:, 1:], train=True)
+    # per block: c_attn, c_proj, c_fc, mlp's c_proj, and attention's att = q k^T, y = a v;
+    # then the tied head
+    assert len(calls) == CFG.n_layer * (4 + 2) + 1
+    model.backward()
+    # per block: two products per linear layer, four for attention; the head's two
+    assert len(calls) == CFG.n_layer * (4 + 2) + 1 + CFG.n_layer * (4 * 2 + 4) + 2
+
+
 def test_fused_and_plain_gpu_models_agree_with_dropout(xp, monkeypatch):
     """With dropout on, fused and plain models on the GPU draw the same masks (the model's
     own stream), so their gradients agree to float32 rounding. (AdamW is compared from the
