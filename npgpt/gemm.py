@@ -17,7 +17,8 @@ transpose flag, so the views go in as they are:
   flag N); one whose second-to-last axis has unit stride is a transposed view (flag T).
 - The batch axes (B, nh) become one cuBLAS batch where every operand's strides allow
   it; otherwise the largest axis is the batch and a Python loop runs over the others
-  (q's view of (B,T,3C): 64 batches of rows, one launch per head).
+  (q's view of (B,T,3C): 64 batches of rows, one launch per head; the fused attention of
+  kernels.py hands over contiguous heads instead, one launch a product).
 - float32: CUBLAS_COMPUTE_32F, or _FAST_TF32 when CUPY_TF32 is set (as CuPy decides for
   its own products; backend.enable_tf32 sets it). float16: float16 in and out, float32
   sums (tensor cores), as arrays.matmul promises.
@@ -30,6 +31,7 @@ an emulated cublasGemmStridedBatchedEx that reads NumPy memory through the same 
 """
 import itertools
 import os
+from collections import namedtuple
 
 import numpy as np
 
@@ -39,6 +41,7 @@ CUDA_TYPE = {np.dtype(np.float32): 0, np.dtype(np.float16): 2}  # CUDA_R_32F, CU
 COMPUTE_32F, COMPUTE_32F_FAST_TF32 = 68, 77
 GEMM_DEFAULT = -1
 ONE, ZERO = np.array(1.0, dtype=np.float32), np.array(0.0, dtype=np.float32)  # alpha, beta
+ONE_PTR, ZERO_PTR = ONE.ctypes.data, ZERO.ctypes.data  # (their addresses: the calls' own)
 
 
 def _layout(a):
@@ -68,20 +71,22 @@ def _batch_axes(shape, stride_lists):
     return axes
 
 
-def batched_matmul(xp, a, b, out):
-    """out = a @ b for (..., m, k) @ (..., k, n) on a GPU through cuBLAS (no batch axes:
-    one product), or None when the operands do not fit (the caller then uses xp.matmul).
-    out: a (..., m, n) array whose last axis has unit stride (a view is fine), or None
-    for a new one."""
+# The fixed arguments of one product's cuBLAS calls, worked out once per layout (a step
+# asks for the same few dozen layouts every time; working them out costs more host time
+# than the call): cuBLAS's operands in its order (b's, then a's: see the docstring), the
+# batch count and the byte offsets of each call when a Python loop runs over batch axes.
+Plan = namedtuple("Plan", "op_b op_a n m k ld_b stride_b ld_a stride_a ld_c stride_c count "
+                          "cuda_type compute offsets")
+_PLANS = {}
+MAX_PLANS = 256
+
+
+def _plan(a, b, out, tf32):
+    """The Plan of out = a @ b, or None when cuBLAS cannot take these operands."""
     dtype = a.dtype
     if (dtype not in CUDA_TYPE or b.dtype != dtype or a.ndim < 2 or a.ndim != b.ndim
-            or a.shape[:-2] != b.shape[:-2] or 0 in a.shape or 0 in b.shape):
-        return None
-    m, k = a.shape[-2:]
-    n = b.shape[-1]
-    if out is None:
-        out = xp.empty(a.shape[:-1] + (n,), dtype=dtype)
-    if out.dtype != dtype or out.shape != a.shape[:-1] + (n,):
+            or a.shape[:-2] != b.shape[:-2] or 0 in a.shape or 0 in b.shape
+            or out.dtype != dtype or out.shape != a.shape[:-1] + b.shape[-1:]):
         return None
     lay_a, lay_b, lay_c = _layout(a), _layout(b), _layout(out)
     if lay_a is None or lay_b is None or lay_c is None or lay_c[0] != OP_N:
@@ -94,18 +99,42 @@ def batched_matmul(xp, a, b, out):
     inner = max(range(len(axes)), key=lambda i: axes[i][0])  # cuBLAS's batch: the largest
     count, (stride_a, stride_b, stride_c) = axes[inner]
     others = [axes[i] for i in range(len(axes)) if i != inner]
-    tf32 = dtype == np.float32 and int(os.environ.get("CUPY_TF32", "0")) > 0
-    compute = COMPUTE_32F_FAST_TF32 if tf32 else COMPUTE_32F
-    cublas, handle, cuda_type = xp.cuda.cublas, xp.cuda.get_cublas_handle(), CUDA_TYPE[dtype]
-    for index in itertools.product(*(range(size) for size, _ in others)):
-        offset = [sum(i * strides[j] for i, (_, strides) in zip(index, others))
-                  for j in range(3)]  # elements, of a, b, out
+    offsets = tuple(tuple(item * sum(i * strides[j] for i, (_, strides) in zip(index, others))
+                          for j in range(3))  # bytes, of a, b, out
+                    for index in itertools.product(*(range(size) for size, _ in others)))
+    m, k = a.shape[-2:]
+    return Plan(lay_b[0], lay_a[0], b.shape[-1], m, k, lay_b[1], stride_b, lay_a[1], stride_a,
+                lay_c[1], stride_c, count, CUDA_TYPE[dtype],
+                COMPUTE_32F_FAST_TF32 if tf32 else COMPUTE_32F, offsets)
+
+
+def batched_matmul(xp, a, b, out):
+    """out = a @ b for (..., m, k) @ (..., k, n) on a GPU through cuBLAS (no batch axes:
+    one product), or None when the operands do not fit (the caller then uses xp.matmul).
+    out: a (..., m, n) array whose last axis has unit stride (a view is fine), or None
+    for a new one."""
+    if a.dtype not in CUDA_TYPE:
+        return None
+    if out is None:
+        if a.ndim < 2 or b.ndim < 2:
+            return None
+        out = xp.empty(a.shape[:-1] + b.shape[-1:], dtype=a.dtype)
+    tf32 = a.dtype == np.float32 and int(os.environ.get("CUPY_TF32", "0")) > 0
+    key = (a.dtype, a.shape, a.strides, b.dtype, b.shape, b.strides, out.dtype, out.shape,
+           out.strides, tf32)
+    plan = _PLANS.get(key, False)
+    if plan is False:
+        if len(_PLANS) >= MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = _plan(a, b, out, tf32)
+    if plan is None:
+        return None
+    p, t = plan, plan.cuda_type
+    gemm, handle = xp.cuda.cublas.gemmStridedBatchedEx, xp.cuda.get_cublas_handle()
+    for off_a, off_b, off_c in p.offsets:
         # C^T (n, m) = B^T (n, k) A^T (k, m): cuBLAS's A is our b, its B our a
-        cublas.gemmStridedBatchedEx(
-            handle, lay_b[0], lay_a[0], n, m, k, ONE.ctypes.data,
-            b.data.ptr + offset[1] * item, cuda_type, lay_b[1], stride_b,
-            a.data.ptr + offset[0] * item, cuda_type, lay_a[1], stride_a,
-            ZERO.ctypes.data,
-            out.data.ptr + offset[2] * item, cuda_type, lay_c[1], stride_c,
-            count, compute, GEMM_DEFAULT)
+        gemm(handle, p.op_b, p.op_a, p.n, p.m, p.k, ONE_PTR,
+             b.data.ptr + off_b, t, p.ld_b, p.stride_b,
+             a.data.ptr + off_a, t, p.ld_a, p.stride_a, ZERO_PTR,
+             out.data.ptr + off_c, t, p.ld_c, p.stride_c, p.count, p.compute, GEMM_DEFAULT)
     return out

@@ -9,6 +9,7 @@ import stand_in_gpu
 from npgpt import attention
 from npgpt.arrays import matmul
 from npgpt.backend import gpu_available, to_numpy
+from npgpt import gemm
 from npgpt.gemm import batched_matmul
 
 rng = np.random.default_rng(0)
@@ -100,6 +101,18 @@ def test_a_view_out_gets_its_block_and_nothing_else(fake):
     untouched = np.ones((B, T, C), dtype=bool)
     untouched[:, 2:5] = False
     assert (y.view(np.ndarray)[untouched] == 7.0).all()
+
+
+def test_a_layout_is_worked_out_once_and_serves_other_arrays(fake):
+    gemm._PLANS.clear()
+    for _ in range(3):  # new arrays (new addresses) in the same layout
+        qkv = device(fake, rng.standard_normal((B, T, 3 * C)))
+        q, k = heads(qkv[..., :C]), heads(qkv[..., C:2 * C])
+        out = fake.zeros((B, nh, T, 2 * T), dtype=np.float32)[..., T:]  # (B,nh,T,T) block
+        got = batched_matmul(fake, q, k.transpose(0, 1, 3, 2), out)
+        want = np.matmul(q.view(np.ndarray), k.view(np.ndarray).transpose(0, 1, 3, 2))
+        np.testing.assert_allclose(got.view(np.ndarray), want, rtol=1e-6, atol=1e-6)
+    assert len(gemm._PLANS) == 1
 
 
 def test_tf32_when_cupy_would_use_it(fake, monkeypatch):
