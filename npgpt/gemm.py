@@ -22,9 +22,10 @@ transpose flag, so the views go in as they are:
 - float32: CUBLAS_COMPUTE_32F, or _FAST_TF32 when CUPY_TF32 is set (as CuPy decides for
   its own products; backend.enable_tf32 sets it). float16: float16 in and out, float32
   sums (tensor cores), as arrays.matmul promises.
-A single (m, k) @ (k, n) product is a batch of one: CuPy's own 2-D matmul spent about
-58 us of host time per call in the TF32 lecture step's profile (75 calls), where this
-call to cuBLAS costs a fraction of that, and the step waits for the host.
+A single (m, k) @ (k, n) product goes to cublasGemmEx, with the same arguments but the
+batch: CuPy's own 2-D matmul spent about 58 us of host time per call in the TF32 lecture
+step's profile (75 calls), where this call costs a fraction of that, and the step waits
+for the host.
 Anything else (float64, broadcast batch shapes, an operand with no unit stride in its
 last two axes) goes to xp.matmul. The test suite's stand-in GPU checks this mapping with
 an emulated cublasGemmStridedBatchedEx that reads NumPy memory through the same pointers.
@@ -130,7 +131,13 @@ def batched_matmul(xp, a, b, out):
     if plan is None:
         return None
     p, t = plan, plan.cuda_type
-    gemm, handle = xp.cuda.cublas.gemmStridedBatchedEx, xp.cuda.get_cublas_handle()
+    cublas, handle = xp.cuda.cublas, xp.cuda.get_cublas_handle()
+    if p.count == 1 and len(p.offsets) == 1:  # one product: cublasGemmEx (CuPy's own call
+        cublas.gemmEx(handle, p.op_b, p.op_a, p.n, p.m, p.k, ONE_PTR,  # for a 2-D matmul,
+                      b.data.ptr, t, p.ld_b, a.data.ptr, t, p.ld_a,   # whose heuristics may
+                      ZERO_PTR, out.data.ptr, t, p.ld_c, p.compute, GEMM_DEFAULT)  # differ)
+        return out
+    gemm = cublas.gemmStridedBatchedEx
     for off_a, off_b, off_c in p.offsets:
         # C^T (n, m) = B^T (n, k) A^T (k, m): cuBLAS's A is our b, its B our a
         gemm(handle, p.op_b, p.op_a, p.n, p.m, p.k, ONE_PTR,

@@ -272,7 +272,8 @@ def _to_tokens(heads, tokens, scale0=1.0):
 
 def _heads_transpose(src, dst, heads, scale0, to_heads):
     parts, B, nh, T, hs = heads.shape
-    _flat("heads_transpose", get_xp(src), heads.size, src, dst, np.int64(heads.size),
+    rows = parts * B * nh * T
+    _rows("heads_transpose", get_xp(src), rows, src, dst, np.int64(rows), np.int32(B),
           np.int32(T), np.int32(nh), np.int32(hs), np.int32(parts), np.float32(scale0),
           np.int32(to_heads))
 

@@ -2,46 +2,48 @@
 // (kernels_common.cu comes first: see there.)
 
 // ---------------------------------------------------------------------------------------
-// the heads' layout, one thread per element (a flat kernel). c_attn's output holds, for
-// each position, `parts` blocks of C = nh hs columns (q | k | v: parts = 3); attention's
-// batched products want each (part, batch, head) matrix of (T, hs) contiguous, so that
-// cuBLAS multiplies all B nh of them in one launch:
+// the heads' layout, one row of hs elements per warp (a row kernel). c_attn's output holds,
+// for each position, `parts` blocks of C = nh hs columns (q | k | v: parts = 3);
+// attention's batched products want each (part, batch, head) matrix of (T, hs)
+// contiguous, so that cuBLAS multiplies all B nh of them in one launch:
 //   tokens (B, T, parts, nh, hs)  <->  heads (parts, B, nh, T, hs)
-//   to_heads = 1:  heads[s, b, h, t, d] = tokens[b, t, s, h, d] * (s == 0 ? scale0 : 1)
-//   to_heads = 0:  tokens[b, t, s, h, d] = heads[s, b, h, t, d] * (s == 0 ? scale0 : 1)
+//   to_heads = 1:  heads[s, b, h, t, :] = tokens[b, t, s, h, :] * (s == 0 ? scale0 : 1)
+//   to_heads = 0:  tokens[b, t, s, h, :] = heads[s, b, h, t, :] * (s == 0 ? scale0 : 1)
 // (part 0 is q, or dq on the way back: attention's 1/sqrt(hs) rides along; each result is
-// rounded once). Thread i owns heads' element i: its writes (to_heads) or reads are
-// contiguous, and the other side's come in runs of hs.
+// rounded once). The warp of heads' row r = ((s B + b) nh + h) T + t works out (s, b, h, t)
+// once (64-bit divisions cost tens of instructions: once per element they made this a
+// compute-bound kernel), then its lanes copy the row, hs contiguous elements on both sides.
 
 template <typename T>
-__device__ __forceinline__ void heads_transpose_elements(
-        const T* __restrict__ src, T* __restrict__ dst, long long n, int T_, int nh, int hs,
-        int parts, float scale0, int to_heads) {
-    long long per_part = n / parts;                 // B nh T hs
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        long long s = i / per_part, rest = i % per_part;
-        long long d = rest % hs, t = rest / hs % T_, h = rest / ((long long)hs * T_) % nh;
-        long long b = rest / ((long long)hs * T_ * nh);
-        long long j = ((b * T_ + t) * parts + s) * (nh * hs) + h * hs + d;  // tokens' index
-        float f = s == 0 ? scale0 : 1.0f;
-        if (to_heads) st(dst, i, ld(src, j) * f);
-        else st(dst, j, ld(src, i) * f);
+__device__ __forceinline__ void heads_transpose_rows(
+        const T* __restrict__ src, T* __restrict__ dst, long long rows, int B, int T_, int nh,
+        int hs, int parts, float scale0, int to_heads) {
+    long long row = warp_row();
+    if (row >= rows) return;
+    long long t = row % T_, bh = row / T_;
+    long long h = bh % nh, sb = bh / nh;
+    long long b = sb % B, s = sb / B;
+    long long i0 = row * hs;                                          // heads' index
+    long long j0 = ((b * T_ + t) * parts + s) * ((long long)nh * hs) + h * hs;  // tokens'
+    float f = s == 0 ? scale0 : 1.0f;
+    for (int d = lane_id(); d < hs; d += 32) {
+        if (to_heads) st(dst, i0 + d, ld(src, j0 + d) * f);
+        else st(dst, j0 + d, ld(src, i0 + d) * f);
     }
 }
 
 extern "C" __global__ void heads_transpose(const float* __restrict__ src,
-                                           float* __restrict__ dst, long long n, int T,
-                                           int nh, int hs, int parts, float scale0,
+                                           float* __restrict__ dst, long long rows, int B,
+                                           int T, int nh, int hs, int parts, float scale0,
                                            int to_heads) {
-    heads_transpose_elements(src, dst, n, T, nh, hs, parts, scale0, to_heads);
+    heads_transpose_rows(src, dst, rows, B, T, nh, hs, parts, scale0, to_heads);
 }
 
 extern "C" __global__ void heads_transpose_f16(const half_t* __restrict__ src,
-                                               half_t* __restrict__ dst, long long n, int T,
-                                               int nh, int hs, int parts, float scale0,
-                                               int to_heads) {
-    heads_transpose_elements(src, dst, n, T, nh, hs, parts, scale0, to_heads);
+                                               half_t* __restrict__ dst, long long rows,
+                                               int B, int T, int nh, int hs, int parts,
+                                               float scale0, int to_heads) {
+    heads_transpose_rows(src, dst, rows, B, T, nh, hs, parts, scale0, to_heads);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ NumPy's arithmetic. What it cannot see: np.asarray() of a subclass is a plain vi
 CuPy would raise. install(monkeypatch, fused=True) also runs npgpt's fused CUDA kernels,
 compiled by g++ against the CUDA emulator of emulated_cuda.py. Its `add.at` raises: on a
 GPU it adds with atomics, in no fixed order, so a resumed run would differ in the last bits.
-Its `cuda.cublas.gemmStridedBatchedEx` reads and writes NumPy memory through the raw
+Its `cuda.cublas.gemmStridedBatchedEx` (and gemmEx) reads and writes NumPy memory through the raw
 pointers it is handed (DeviceArray.data.ptr), with cuBLAS's column-major conventions.
 """
 import contextlib
@@ -94,13 +94,19 @@ def _matrices(ptr, dtype, trans, rows, cols, ld, stride, count):
 
 
 class EmulatedCublas:
-    """cupy_backends.cuda.libs.cublas's gemmStridedBatchedEx, computed by NumPy on the
-    memory the pointers address: C = op(A) op(B) per batch, float32 sums, rounded to
-    C's type once. `calls` records each call's compute type."""
+    """cupy_backends.cuda.libs.cublas's gemmStridedBatchedEx and gemmEx, computed by NumPy
+    on the memory the pointers address: C = op(A) op(B) per batch, float32 sums, rounded
+    to C's type once. `calls` records each call's compute type."""
     TYPES = {0: np.dtype(np.float32), 2: np.dtype(np.float16)}  # CUDA_R_32F, CUDA_R_16F
 
     def __init__(self):
         self.calls = []
+
+    def gemmEx(self, handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb,
+               beta, C, Ctype, ldc, compute, algo):
+        """cublasGemmEx: one product, gemmStridedBatchedEx's with a batch of one."""
+        self.gemmStridedBatchedEx(handle, transa, transb, m, n, k, alpha, A, Atype, lda, 0, B,
+                                  Btype, ldb, 0, beta, C, Ctype, ldc, 0, 1, compute, algo)
 
     def gemmStridedBatchedEx(self, handle, transa, transb, m, n, k, alpha, A, Atype, lda,
                              strideA, B, Btype, ldb, strideB, beta, C, Ctype, ldc, strideC,
