@@ -44,9 +44,10 @@ COLUMN_THREADS = 128  # column kernels: columns per block
 ROW_STRIDE = 512     # column kernels: blocks along the rows (each takes every 512th row)
 COLUMN_CHUNK = 32    # column_sums: rows per partial sum (8192 rows: 3 launches)
 # the kernel a launch runs, by the dtype of its first array: the `name` for float32
-# arrays, `name_f16` for float16 ones (AdamW, on float32 master weights, has only the first)
+# arrays, `name_f16` for float16 ones (AdamW, on float32 master weights, and nll_mean, on
+# float32 losses, have only the first)
 SUFFIX = {np.dtype(np.float32): "", np.dtype(np.float16): "_f16"}
-FLOAT32_ONLY = {"adamw", "adamw_skippable"}
+FLOAT32_ONLY = {"adamw", "adamw_skippable", "nll_mean"}
 
 
 def requested():
@@ -101,6 +102,11 @@ def _flat(name, xp, n, *args):
                               (THREADS,), args)
 
 
+def _warp(name, xp, *args):
+    """Launch a kernel of one warp (a small job done in one fixed order)."""
+    _typed(name, xp, args[0])((1,), (32,), args)
+
+
 def _columns(name, xp, rows, C, *args):
     """Launch a column kernel: one thread per column, ROW_STRIDE blocks down the rows."""
     _typed(name, xp, args[0])((math.ceil(C / COLUMN_THREADS), max(1, min(rows, ROW_STRIDE))),
@@ -115,22 +121,25 @@ def _contiguous(a):
 # column sums (the gradients of biases and LayerNorm weights)
 
 
-def column_sums(a):
+def column_sums(a, out=None, *, add=False):
     """arrays.column_sums as a tree of kernel launches: (C,) column sums of a (..., C).
     Each launch sums chunks of COLUMN_CHUNK rows, in row order, into a new matrix of one
     row per chunk, until one row is left (8192 rows: 256, 8, 1). The sums are float32
-    for float16 rows too (sum_dtype)."""
+    for float16 rows too (sum_dtype). out: a contiguous float32 (C,) array the last level
+    writes, or adds to (add=True: out += the sums, as a layer adds its gradient)."""
     xp = get_xp(a)
     a2 = _contiguous(a.reshape(-1, a.shape[-1]))  # (N, C)
     N, C = a2.shape
     acc = sum_dtype(a2.dtype)
     while True:
-        part = xp.empty((math.ceil(N / COLUMN_CHUNK), C), dtype=acc)  # (chunks, C)
+        chunks = math.ceil(N / COLUMN_CHUNK)
+        last = chunks == 1 and out is not None
+        part = out.reshape(1, C) if last else xp.empty((chunks, C), dtype=acc)  # (chunks, C)
         _flat("column_sums", xp, part.size, a2, part, np.int64(N), np.int32(C),
-              np.int32(COLUMN_CHUNK))
-        if part.shape[0] == 1:
-            return part.reshape(C)
-        a2, N = part, part.shape[0]
+              np.int32(COLUMN_CHUNK), np.int32(last and add))
+        if chunks == 1:
+            return out if last else part.reshape(C)
+        a2, N = part, chunks
 
 
 # ----------------------------------------------------------------------------
@@ -153,7 +162,7 @@ def embedding_backward(dout, cache, ws=FRESH):
           starts.astype(xp.int64, copy=False), dwte, np.int64(V), np.int32(C))
     dwpe = ws("dwpe", wpe_shape, dout, acc)
     dwpe[T:] = 0
-    dout.sum(axis=0, dtype=acc, out=dwpe[:T])
+    column_sums(dout.reshape(-1, T * C), out=dwpe[:T].reshape(T * C))  # sum over the batch
     return dwte, dwpe
 
 
@@ -339,8 +348,9 @@ def cross_entropy_forward(logits, targets, ignore_index=-1, ws=FRESH):
     nll = ws("nll", (rows,), logits, acc)
     _rows("cross_entropy_forward", xp, rows, logits, t, probs, nll, np.int32(rows),
           np.int32(V), np.int64(ignore_index))
-    count = (t != ignore_index).sum().astype(acc)  # positions that carry a target
-    loss = nll.sum() / count
+    mean = xp.empty(2, dtype=xp.float32)  # [loss, count]: a new array (the caller's loss)
+    _warp("nll_mean", xp, nll, t, mean, np.int32(rows), np.int64(ignore_index))
+    loss, count = mean[0, ...], mean[1, ...]  # 0-d arrays (NumPy would make mean[0] a scalar)
     return loss, FusedCrossEntropyCache(probs, t, count, ignore_index, logits.shape)
 
 

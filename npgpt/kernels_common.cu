@@ -11,12 +11,13 @@
 // the version from its first array's dtype; float64 models use the plain code, and AdamW
 // (the float32 master weights) has no float16 version.
 //
-// Three launch shapes (kernels.py chooses the grid):
+// Four launch shapes (kernels.py chooses the grid):
 //   row kernels:  one warp (32 threads) per row of C (or T, or V) elements, WARPS warps
 //                 per block; a row's sums and maxima are combined across the warp with
 //                 __shfl_xor_sync (after it every lane holds the whole row's result).
 //   flat kernels: one thread per element, in a grid-stride loop.
 //   column kernels: one thread per column (grid x), blocks of rows in a stride (grid y).
+//   one warp:     a small job (the mean loss) in one block of 32 threads.
 // Only registers and warp shuffles: no shared memory, no __syncthreads, no atomics, so
 // every result is computed in one fixed order (the same bits on every run).
 

@@ -144,13 +144,13 @@ def cupy_options(options, cc):
 
 
 def launched_kernels():
-    """The kernel names kernels.py launches: each _rows/_flat/_columns call's first
+    """The kernel names kernels.py launches: each _rows/_flat/_columns/_warp call's first
     argument, in each version kernels.SUFFIX names (float32, float16) unless it is
     FLOAT32_ONLY."""
     tree = ast.parse(Path(kernels.__file__).read_text())
     names = {node.args[0].value for node in ast.walk(tree)
              if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-             and node.func.id in ("_rows", "_flat", "_columns") and node.args
+             and node.func.id in ("_rows", "_flat", "_columns", "_warp") and node.args
              and isinstance(node.args[0], ast.Constant)}
     return {name + suffix for name in names for suffix in kernels.SUFFIX.values()
             if name not in kernels.FLOAT32_ONLY or suffix == ""}
