@@ -121,6 +121,17 @@ def matmul(a, b, out=None):
     return out
 
 
+def matmul_add(a, b, out, ws, name):
+    """out += a @ b (a layer's weight gradient). On a GPU one cuBLAS call that adds itself
+    (beta = 1), into float32 for float16 operands with float32 sums; elsewhere the product
+    goes to ws's `name` array (a's dtype), then is added. Returns out."""
+    xp = get_xp(a)
+    if xp is not np and batched_matmul(xp, a, b, out, add=True) is not None:
+        return out
+    out += matmul(a, b, out=ws(name, out.shape, a))
+    return out
+
+
 def row_sums(a, ws, name, weights=None):
     """(..., 1) row sums of `a`, or of a * weights (weights: a vector over the last axis),
     in sum_dtype. On the CPU one matrix-vector product a @ ones (or a @ weights: BLAS beats
@@ -144,14 +155,24 @@ def row_sums(a, ws, name, weights=None):
 COLUMN_GROUPS = 64
 
 
-def column_sums(a):
+def column_sums(a, out=None, *, add=False):
     """(C,) column sums of a (..., C), over all its rows, in sum_dtype: ones @ a2 by BLAS
-    on the CPU, as row_sums; on a GPU a reduction, over groups of rows first."""
+    on the CPU, as row_sums; on a GPU a reduction, over groups of rows first.
+    out: None (a new array), or a (C,) array of sum_dtype written, or added to (add=True:
+    out += the sums, as a layer adds its gradient); then returned."""
     a2 = a.reshape(-1, a.shape[-1])  # (N, C)
     (N, C), acc, xp = a2.shape, sum_dtype(a2.dtype), get_xp(a2)
     if xp is np and acc == a2.dtype:
-        return np.matmul(ones_vector(N, a2.dtype), a2)
-    if xp is not np and N > COLUMN_GROUPS and N % COLUMN_GROUPS == 0:
+        sums = np.matmul(ones_vector(N, a2.dtype), a2)
+    elif xp is not np and N > COLUMN_GROUPS and N % COLUMN_GROUPS == 0:
         groups = a2.reshape(COLUMN_GROUPS, N // COLUMN_GROUPS, C)  # (groups, rows, C)
-        return groups.sum(axis=1, dtype=acc).sum(axis=0)
-    return a2.sum(axis=0, dtype=acc)
+        sums = groups.sum(axis=1, dtype=acc).sum(axis=0)
+    else:
+        sums = a2.sum(axis=0, dtype=acc)
+    if out is None:
+        return sums
+    if add:
+        out += sums
+    else:
+        out[...] = sums
+    return out

@@ -77,7 +77,7 @@ def _batch_axes(shape, stride_lists):
 # than the call): cuBLAS's operands in its order (b's, then a's: see the docstring), the
 # batch count and the byte offsets of each call when a Python loop runs over batch axes.
 Plan = namedtuple("Plan", "op_b op_a n m k ld_b stride_b ld_a stride_a ld_c stride_c count "
-                          "cuda_type compute offsets")
+                          "type_ab type_c compute offsets")
 _PLANS = {}
 MAX_PLANS = 256
 
@@ -87,33 +87,36 @@ def _plan(a, b, out, tf32):
     dtype = a.dtype
     if (dtype not in CUDA_TYPE or b.dtype != dtype or a.ndim < 2 or a.ndim != b.ndim
             or a.shape[:-2] != b.shape[:-2] or 0 in a.shape or 0 in b.shape
-            or out.dtype != dtype or out.shape != a.shape[:-1] + b.shape[-1:]):
+            or out.dtype not in (dtype, np.float32)  # (float16 products into float32)
+            or out.shape != a.shape[:-1] + b.shape[-1:]):
         return None
     lay_a, lay_b, lay_c = _layout(a), _layout(b), _layout(out)
     if lay_a is None or lay_b is None or lay_c is None or lay_c[0] != OP_N:
         return None
-    item = dtype.itemsize
-    if any(s % item for x in (a, b, out) for s in x.strides[:-2]):
+    if any(s % x.itemsize for x in (a, b, out) for s in x.strides[:-2]):
         return None
-    axes = _batch_axes(a.shape[:-2], [[s // item for s in x.strides[:-2]] for x in (a, b, out)])
+    axes = _batch_axes(a.shape[:-2], [[s // x.itemsize for s in x.strides[:-2]]
+                                      for x in (a, b, out)])
     axes = axes or [(1, [0, 0, 0])]  # one (m, k) @ (k, n) product: a batch of one
     inner = max(range(len(axes)), key=lambda i: axes[i][0])  # cuBLAS's batch: the largest
     count, (stride_a, stride_b, stride_c) = axes[inner]
     others = [axes[i] for i in range(len(axes)) if i != inner]
-    offsets = tuple(tuple(item * sum(i * strides[j] for i, (_, strides) in zip(index, others))
-                          for j in range(3))  # bytes, of a, b, out
+    offsets = tuple(tuple(x.itemsize * sum(i * strides[j] for i, (_, strides)
+                                           in zip(index, others))
+                          for j, x in enumerate((a, b, out)))  # bytes, of a, b, out
                     for index in itertools.product(*(range(size) for size, _ in others)))
     m, k = a.shape[-2:]
     return Plan(lay_b[0], lay_a[0], b.shape[-1], m, k, lay_b[1], stride_b, lay_a[1], stride_a,
-                lay_c[1], stride_c, count, CUDA_TYPE[dtype],
+                lay_c[1], stride_c, count, CUDA_TYPE[dtype], CUDA_TYPE[out.dtype],
                 COMPUTE_32F_FAST_TF32 if tf32 else COMPUTE_32F, offsets)
 
 
-def batched_matmul(xp, a, b, out):
+def batched_matmul(xp, a, b, out, *, add=False):
     """out = a @ b for (..., m, k) @ (..., k, n) on a GPU through cuBLAS (no batch axes:
     one product), or None when the operands do not fit (the caller then uses xp.matmul).
     out: a (..., m, n) array whose last axis has unit stride (a view is fine), or None
-    for a new one."""
+    for a new one; float32 for float16 operands too (float32 sums, rounded once).
+    add=True: out += a @ b, by cuBLAS itself (its beta = 1)."""
     if a.dtype not in CUDA_TYPE:
         return None
     if out is None:
@@ -130,18 +133,19 @@ def batched_matmul(xp, a, b, out):
         plan = _PLANS[key] = _plan(a, b, out, tf32)
     if plan is None:
         return None
-    p, t = plan, plan.cuda_type
+    p, t, beta = plan, plan.type_ab, ONE_PTR if add else ZERO_PTR
     cublas, handle = xp.cuda.cublas, xp.cuda.get_cublas_handle()
     if p.count == 1 and len(p.offsets) == 1:  # one product: cublasGemmEx (CuPy's own call
         cublas.gemmEx(handle, p.op_b, p.op_a, p.n, p.m, p.k, ONE_PTR,  # for a 2-D matmul,
                       b.data.ptr, t, p.ld_b, a.data.ptr, t, p.ld_a,   # whose heuristics may
-                      ZERO_PTR, out.data.ptr, t, p.ld_c, p.compute, GEMM_DEFAULT)  # differ)
+                      beta, out.data.ptr, p.type_c, p.ld_c, p.compute, GEMM_DEFAULT)  # differ)
         return out
     gemm = cublas.gemmStridedBatchedEx
     for off_a, off_b, off_c in p.offsets:
         # C^T (n, m) = B^T (n, k) A^T (k, m): cuBLAS's A is our b, its B our a
         gemm(handle, p.op_b, p.op_a, p.n, p.m, p.k, ONE_PTR,
              b.data.ptr + off_b, t, p.ld_b, p.stride_b,
-             a.data.ptr + off_a, t, p.ld_a, p.stride_a, ZERO_PTR,
-             out.data.ptr + off_c, t, p.ld_c, p.stride_c, p.count, p.compute, GEMM_DEFAULT)
+             a.data.ptr + off_a, t, p.ld_a, p.stride_a, beta,
+             out.data.ptr + off_c, p.type_c, p.ld_c, p.stride_c, p.count, p.compute,
+             GEMM_DEFAULT)
     return out

@@ -45,9 +45,9 @@ class Linear:
         return out
 
     def backward(self, dout):
-        dx, dw, db = self.ops.linear_backward(dout, self.cache, self.scratch)
-        self.dw += dw
-        self.db += db
+        # the op adds dW and db into our gradient views (self.dw += dW, self.db += db)
+        dx, _, _ = self.ops.linear_backward(dout, self.cache, self.scratch,
+                                            into=(self.dw, self.db))
         return dx
 
 

@@ -24,7 +24,8 @@ from collections import namedtuple
 
 import numpy as np
 
-from .arrays import FRESH, column_sums, matmul, row_blocks, row_sums, sum_dtype
+from .arrays import (FRESH, column_sums, matmul, matmul_add, row_blocks, row_sums,
+                     sum_dtype)
 # causal attention (training's tiled pair and sampling's cached forward) lives in
 # attention.py; ops.attention_forward etc. are the same functions
 from .attention import (AttentionCache, attention_backward, attention_forward,  # noqa: F401
@@ -125,19 +126,25 @@ def linear_forward(x, w, b, ws=FRESH, *, add_bias=operator.iadd):
     return out.reshape(*x.shape[:-1], w.shape[1]), LinearCache(x, w)  # (..., Cout)
 
 
-def linear_backward(dout, cache, ws=FRESH, *, column_sums=column_sums):
+def linear_backward(dout, cache, ws=FRESH, *, into=None, column_sums=column_sums):
     """forward: out = x @ w + b
     dx = dout @ w.T          (each x[n, i] meets w[i, :] in every output of row n)
     dw = x.T @ dout          (summed over all positions n)
     db = sum_n dout[n]       (b is broadcast over positions)
+    into: None (dw and db are new arrays), or a layer's (dw, db) gradient arrays, which
+    these are added to (+=) and which are returned (on a GPU the product and the column
+    sums add in place themselves: no separate pass of additions).
     column_sums: kernels.py passes its fused one. Textbook version: reference.linear_backward.
     """
     x, w = cache
     dout2 = dout.reshape(-1, dout.shape[-1])  # (N, Cout)
     x2 = x.reshape(-1, x.shape[-1])           # (N, Cin)
     dx = matmul(dout2, w.T, out=ws("dx", x2.shape, dout)).reshape(x.shape)  # (..., Cin)
-    dw = matmul(x2.T, dout2, out=ws("dw", w.shape, dout))
-    db = column_sums(dout2)
+    if into is None:
+        return dx, matmul(x2.T, dout2, out=ws("dw", w.shape, dout)), column_sums(dout2)
+    dw, db = into
+    matmul_add(x2.T, dout2, dw, ws, "dw")    # dw += x.T @ dout
+    column_sums(dout2, db, add=True)         # db += sum_n dout[n]
     return dx, dw, db
 
 

@@ -95,8 +95,9 @@ def _matrices(ptr, dtype, trans, rows, cols, ld, stride, count):
 
 class EmulatedCublas:
     """cupy_backends.cuda.libs.cublas's gemmStridedBatchedEx and gemmEx, computed by NumPy
-    on the memory the pointers address: C = op(A) op(B) per batch, float32 sums, rounded
-    to C's type once. `calls` records each call's compute type."""
+    on the memory the pointers address: C = op(A) op(B) (+ C, for beta = 1) per batch,
+    float32 sums, rounded to C's type once (float16 or float32 for float16 A and B).
+    `calls` records each call's compute type."""
     TYPES = {0: np.dtype(np.float32), 2: np.dtype(np.float16)}  # CUDA_R_32F, CUDA_R_16F
 
     def __init__(self):
@@ -111,19 +112,20 @@ class EmulatedCublas:
     def gemmStridedBatchedEx(self, handle, transa, transb, m, n, k, alpha, A, Atype, lda,
                              strideA, B, Btype, ldb, strideB, beta, C, Ctype, ldc, strideC,
                              count, compute, algo):
-        assert Atype == Btype == Ctype and compute in (68, 77) and algo == -1
-        one = ctypes.c_float.from_address(alpha).value, ctypes.c_float.from_address(beta).value
-        assert one == (1.0, 0.0)
+        assert Atype == Btype and Ctype in (Atype, 0) and compute in (68, 77) and algo == -1
+        alpha, beta = (ctypes.c_float.from_address(x).value for x in (alpha, beta))
+        assert alpha == 1.0 and beta in (0.0, 1.0)  # C = op(A) op(B), or C += (beta = 1)
         self.calls.append(compute)
         dtype = self.TYPES[Atype]
         a = _matrices(A, dtype, transa, m, k, lda, strideA, count)
         b = _matrices(B, dtype, transb, k, n, ldb, strideB, count)
-        c = _matrices(C, dtype, 0, m, n, ldc, strideC, count)
+        c = _matrices(C, self.TYPES[Ctype], 0, m, n, ldc, strideC, count)
         if count == 1:  # one product: the row-major one asked for, C^T = B^T A^T, by
             # NumPy's 2-D matmul (BLAS, whose summation order depends on the operands' order)
-            c[0].T[...] = np.matmul(b[0].T.astype(np.float32), a[0].T.astype(np.float32))
+            product = np.matmul(b[0].T.astype(np.float32), a[0].T.astype(np.float32)).T[None]
         else:
-            c[...] = np.matmul(a.astype(np.float32), b.astype(np.float32))
+            product = np.matmul(a.astype(np.float32), b.astype(np.float32))
+        c[...] = product + c if beta else product  # (float32 sums, rounded to C's type)
 
 
 class FakeCuPy:
