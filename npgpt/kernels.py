@@ -198,16 +198,18 @@ def layernorm_forward(x, w, b, eps=1e-5, ws=FRESH):
     return out, ops.LayerNormCache(xhat, rstd, w)
 
 
-def layernorm_backward(dout, cache, ws=FRESH):
-    """ops.layernorm_backward: dx in one kernel; db and dw as the two halves of one
-    column_sums tree, whose first level (layernorm_param_grads) sums dout and dout * xhat."""
+def layernorm_backward(dout, cache, ws=FRESH, *, residual=None):
+    """ops.layernorm_backward: dx (plus residual) in one kernel; db and dw as the two halves
+    of one column_sums tree, whose first level (layernorm_param_grads) sums dout and
+    dout * xhat."""
     xhat, rstd, w = cache
     xp, dout = get_xp(dout), _contiguous(dout)
     C = xhat.shape[-1]
     rows = xhat.size // C
     dx = ws("dx", xhat.shape, dout)
-    _rows("layernorm_backward", xp, rows, dout, xhat, rstd, _contiguous(w), dx,
-          np.int32(rows), np.int32(C))
+    res = dout if residual is None else _contiguous(residual)  # (unread without one)
+    _rows("layernorm_backward", xp, rows, dout, xhat, rstd, _contiguous(w), res,
+          np.int32(residual is not None), dx, np.int32(rows), np.int32(C))
     chunks = math.ceil(rows / COLUMN_CHUNK)
     part = xp.empty((chunks, 2 * C), dtype=sum_dtype(dout.dtype))  # (chunks, [db | dw])
     _flat("layernorm_param_grads", xp, chunks * C, dout, xhat, part, np.int64(rows),

@@ -109,12 +109,13 @@ extern "C" __global__ void layernorm_forward_f16(
 }
 
 // dxhat = dout * w;  dx = rstd * (dxhat - mean_C(dxhat) - xhat * mean_C(dxhat * xhat))
+//                         + res          (has_res: the skip connection's gradient)
 // (dw and db, sums over rows, are left to a column reduction)
 template <typename T>
 __device__ __forceinline__ void layernorm_backward_rows(
         const T* __restrict__ dout, const T* __restrict__ xhat,
-        const float* __restrict__ rstd, const T* __restrict__ w,
-        T* __restrict__ dx, int rows, int C) {
+        const float* __restrict__ rstd, const T* __restrict__ w, const T* __restrict__ res,
+        int has_res, T* __restrict__ dx, int rows, int C) {
     long long row = warp_row();
     if (row >= rows) return;
     int lane = lane_id();
@@ -130,21 +131,23 @@ __device__ __forceinline__ void layernorm_backward_rows(
     float r = rstd[row];
     for (int c = lane; c < C; c += 32)
         st(dx, r0 + c, r * (ld(dout, r0 + c) * ld(w, c) - mean_dxhat
-                            - ld(xhat, r0 + c) * mean_proj));
+                            - ld(xhat, r0 + c) * mean_proj)
+                       + (has_res ? ld(res, r0 + c) : 0.0f));
 }
 
 extern "C" __global__ void layernorm_backward(
         const float* __restrict__ dout, const float* __restrict__ xhat,
         const float* __restrict__ rstd, const float* __restrict__ w,
-        float* __restrict__ dx, int rows, int C) {
-    layernorm_backward_rows(dout, xhat, rstd, w, dx, rows, C);
+        const float* __restrict__ res, int has_res, float* __restrict__ dx, int rows, int C) {
+    layernorm_backward_rows(dout, xhat, rstd, w, res, has_res, dx, rows, C);
 }
 
 extern "C" __global__ void layernorm_backward_f16(
         const half_t* __restrict__ dout, const half_t* __restrict__ xhat,
         const float* __restrict__ rstd, const half_t* __restrict__ w,
-        half_t* __restrict__ dx, int rows, int C) {
-    layernorm_backward_rows(dout, xhat, rstd, w, dx, rows, C);
+        const half_t* __restrict__ res, int has_res, half_t* __restrict__ dx, int rows,
+        int C) {
+    layernorm_backward_rows(dout, xhat, rstd, w, res, has_res, dx, rows, C);
 }
 
 // ---------------------------------------------------------------------------------------

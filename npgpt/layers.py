@@ -63,8 +63,10 @@ class LayerNorm:
         out, self.cache = self.ops.layernorm_forward(x, self.w, self.b, self.eps, self.ws)
         return out
 
-    def backward(self, dout):
-        dx, dw, db = self.ops.layernorm_backward(dout, self.cache, self.scratch)
+    def backward(self, dout, residual=None):
+        """dx (plus `residual`, the gradient a skip connection carries around this layer)."""
+        dx, dw, db = self.ops.layernorm_backward(dout, self.cache, self.scratch,
+                                                 residual=residual)
         self.dw += dw
         self.db += db
         return dx
@@ -167,11 +169,9 @@ class Block:
 
     def backward(self, dout):
         # the residual passes dout straight through and adds each branch's input gradient
-        dx = self.ln_2.backward(self.mlp.backward(dout))
-        dx += dout
-        dx2 = self.ln_1.backward(self.attn.backward(dx))
-        dx2 += dx
-        return dx2
+        # (the LayerNorm's backward adds it: dx = ln_2's dx + dout, in one pass on a GPU)
+        dx = self.ln_2.backward(self.mlp.backward(dout), residual=dout)
+        return self.ln_1.backward(self.attn.backward(dx), residual=dx)
 
 
 class Embedding:

@@ -201,7 +201,7 @@ def layernorm_forward(x, w, b, eps=1e-5, ws=FRESH):
     return out, LayerNormCache(xhat, rstd, w)
 
 
-def layernorm_backward(dout, cache, ws=FRESH):
+def layernorm_backward(dout, cache, ws=FRESH, *, residual=None):
     """forward: xhat = (x - mean) * rstd;  out = xhat * w + b
     db    = sum over positions of dout
     dw    = sum over positions of dout * xhat
@@ -211,6 +211,8 @@ def layernorm_backward(dout, cache, ws=FRESH):
              d mean/dx = 1/C removes the mean of dxhat; d rstd/dx = -rstd^2 xhat/C removes
              the component of dxhat along xhat, exactly so as eps -> 0, where
              mean_C(xhat^2) = 1)
+    residual: None, or an array of dx's shape added to dx (a block's skip connection
+    carries the gradient around the LayerNorm; the fused kernel adds it in its own pass).
     Textbook version: reference.layernorm_backward.
     """
     xhat, rstd, w = cache
@@ -227,6 +229,8 @@ def layernorm_backward(dout, cache, ws=FRESH):
         dx_b -= row_sums(dx_b, ws, "dmean") * (1.0 / C)
         dx_b -= xp.multiply(xhat_b, proj * (1.0 / C), out=tmp)
         dx_b *= rstd_b
+    if residual is not None:
+        dx += residual
     return dx, dw, db
 
 

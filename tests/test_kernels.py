@@ -71,6 +71,9 @@ def test_layernorm(xp, shape):
                          ops.layernorm_backward(as64(dout), ref_cache)):
         assert got.shape == want.shape
         assert_matches(got, want)
+    res = f32(xp, rng.standard_normal(shape))  # a skip connection's gradient, added to dx
+    dx, _, _ = kernels.layernorm_backward(dout, cache, residual=res)
+    assert_matches(dx, ops.layernorm_backward(as64(dout), ref_cache, residual=as64(res))[0])
 
 
 def tree_of_column_sums(a, chunk):
