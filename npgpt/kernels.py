@@ -44,10 +44,11 @@ COLUMN_THREADS = 128  # column kernels: columns per block
 ROW_STRIDE = 512     # column kernels: blocks along the rows (each takes every 512th row)
 COLUMN_CHUNK = 32    # column_sums: rows per partial sum (8192 rows: 3 launches)
 # the kernel a launch runs, by the dtype of its first array: the `name` for float32
-# arrays, `name_f16` for float16 ones (AdamW, on float32 master weights, and nll_mean, on
-# float32 losses, have only the first)
+# arrays, `name_f16` for float16 ones (the optimizer's, on float32 master weights and
+# gradients, and nll_mean, on float32 losses, have only the first)
 SUFFIX = {np.dtype(np.float32): "", np.dtype(np.float16): "_f16"}
-FLOAT32_ONLY = {"adamw", "adamw_skippable", "nll_mean"}
+FLOAT32_ONLY = {"adamw", "adamw_skippable", "nll_mean", "sum_squares", "clip_scalars",
+                "mixed_scalars", "scale_grads"}  # (the optimizer's: fused_optim.py)
 
 
 def requested():
@@ -374,34 +375,3 @@ FUSED = {"embedding_backward": embedding_backward,
          "attention_forward": attention_forward, "attention_backward": attention_backward,
          "cross_entropy_forward": cross_entropy_forward,
          "cross_entropy_backward": cross_entropy_backward}
-
-
-# ----------------------------------------------------------------------------
-# AdamW (used by optim.AdamW on a fused buffer)
-
-
-def decay_mask(decay_spans, size, xp):
-    """A (size,) uint8 array on xp: 1 inside the spans of the flat buffer that weight decay
-    applies to (the matrices), 0 elsewhere. Made once; AdamW's one launch reads it."""
-    mask = np.zeros(size, dtype=np.uint8)
-    for span in decay_spans:
-        mask[span] = 1
-    return xp.asarray(mask)
-
-
-def adamw_update(p, g, m, v, decays, lr, betas, eps, weight_decay, bias1, bias2_sqrt):
-    """optim.AdamW's update of one flat float32 buffer, in one launch (float32 only:
-    FLOAT32_ONLY). decays: decay_mask's array."""
-    b1, b2 = (np.float32(b) for b in betas)
-    _flat("adamw", get_xp(p), p.size, p, g, m, v, decays, np.int64(p.size),
-          np.float32(1.0 - lr * weight_decay), b1, b2, np.float32(eps), np.float32(lr / bias1),
-          np.float32(1.0 / bias2_sqrt))
-
-
-def adamw_skippable_update(p, g, m, v, decays, coef, eps):
-    """The same for a step that may be skipped: coef, a float32 array on the device, holds
-    optim.AdamW's coefficients [decay, c1, c2, unbias2, step], each times keep."""
-    xp = get_xp(p)
-    coef = xp.stack([xp.asarray(c, dtype=xp.float32) for c in coef])  # (5,) on the device
-    _flat("adamw_skippable", xp, p.size, p, g, m, v, decays, np.int64(p.size), coef,
-          np.float32(eps))

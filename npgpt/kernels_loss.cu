@@ -140,3 +140,98 @@ extern "C" __global__ void adamw_skippable(float* __restrict__ p, const float* _
         p[i] = p[i] * (decays[i] ? decay : 1.0f) - step * mi / (sqrtf(vi) * unbias2 + eps);
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// the gradients' global norm and what a step does with it (fused_optim.py), in three
+// launches over the float32 flat gradient buffer g (n elements) instead of one CuPy
+// launch per scalar expression:
+// sum_squares, one warp per chunk of `chunk` elements (a row kernel):
+//   parts[w] = sum over the chunk's elements of g[i]^2
+
+extern "C" __global__ void sum_squares(const float* __restrict__ g, float* __restrict__ parts,
+                                       long long n, int chunk) {
+    long long w = warp_row(), begin = w * chunk;
+    if (begin >= n) return;
+    long long end = begin + chunk < n ? begin + chunk : n;
+    float acc = 0.0f;
+    for (long long i = begin + lane_id(); i < end; i += 32) acc += g[i] * g[i];
+    acc = warp_sum(acc);
+    if (lane_id() == 0) parts[w] = acc;
+}
+
+// the sum of the parts, by one warp in a fixed order (each lane every 32nd part)
+__device__ __forceinline__ float sum_parts(const float* __restrict__ parts, int nparts) {
+    float acc = 0.0f;
+    for (int w = lane_id(); w < nparts; w += 32) acc += parts[w];
+    return warp_sum(acc);
+}
+
+// clipping (optim.clip_grad_norm), one warp:
+//   norm = sqrt(sum g^2);  mul = [1, min(1, max_norm / (norm + 1e-6)), 0]  (see scale_grads)
+extern "C" __global__ void clip_scalars(const float* __restrict__ parts, int nparts,
+                                        float max_norm, float* __restrict__ norm,
+                                        float* __restrict__ mul) {
+    float total = sum_parts(parts, nparts);
+    if (lane_id() != 0) return;
+    float nrm = sqrtf(total);
+    norm[0] = nrm;
+    mul[0] = 1.0f;
+    mul[1] = fminf(1.0f, max_norm / (nrm + 1e-6f));
+    mul[2] = 0.0f;
+}
+
+// the rest of a mixed-precision step's scalars (mixed.py, optim.py), one warp; g holds
+// scale x the gradients:
+//   skip = sum g^2 is inf or NaN            (an inf or NaN anywhere makes it one)
+//   mul = [1 / scale, clip, skip]           clip = min(1, max_norm / (norm + 1e-6)) of the
+//                                           unscaled norm (1 if max_norm = 0 or skip)
+//   keep = 1 - skip;  t += keep;  tt = max(t, 1)
+//   coef = [1 - keep lr wd, keep (1 - b1), keep (1 - b2), 1 / sqrt(1 - b2^tt),
+//           keep lr / (1 - b1^tt)]          (adamw_skippable's; in double, as optim.py's
+//                                           array code computes them, rounded to float)
+//   skipped += skip;  good = skip ? 0 : good + 1;  grow = good >= interval
+//   scale *= skip ? backoff : (grow ? growth : 1);  good = grow ? 0 : good
+// (the scale is a power of two: g / scale is exact, and so is the unscaled sum of squares)
+extern "C" __global__ void mixed_scalars(
+        const float* __restrict__ parts, int nparts, float max_norm, double lr, double b1,
+        double b2, double wd, long long interval, double growth, double backoff,
+        float* __restrict__ scale, long long* __restrict__ good_steps,
+        long long* __restrict__ skipped, long long* __restrict__ t,
+        unsigned char* __restrict__ skip_out, float* __restrict__ mul,
+        float* __restrict__ coef) {
+    float total = sum_parts(parts, nparts);
+    if (lane_id() != 0) return;
+    int skip = !(total - total == 0.0f);  // inf - inf and NaN - NaN are NaN: not finite
+    float inv = 1.0f / scale[0];
+    float norm = skip ? 0.0f : sqrtf(total) * inv;
+    mul[0] = inv;
+    mul[1] = max_norm > 0.0f ? fminf(1.0f, max_norm / (norm + 1e-6f)) : 1.0f;
+    mul[2] = (float)skip;
+    skip_out[0] = (unsigned char)skip;
+    long long keep = 1 - skip;
+    t[0] += keep;
+    double tt = (double)(t[0] > 1 ? t[0] : 1);
+    coef[0] = (float)(1.0 - keep * lr * wd);
+    coef[1] = (float)(keep * (1.0 - b1));
+    coef[2] = (float)(keep * (1.0 - b2));
+    coef[3] = (float)(1.0 / sqrt(1.0 - pow(b2, tt)));
+    coef[4] = (float)(keep * lr / (1.0 - pow(b1, tt)));
+    skipped[0] += skip;
+    long long good = skip ? 0 : good_steps[0] + 1;
+    int grow = good >= interval;
+    scale[0] = scale[0] * (float)(skip ? backoff : (grow ? growth : 1.0));
+    good_steps[0] = grow ? 0 : good;
+}
+
+// the gradients scaled in place, one thread per element:
+//   g = mul[2] != 0 ? 0 : (g * mul[0]) * mul[1]
+// (unscaled, exactly, then clipped; a skipped step's gradients, which may hold an inf,
+// become 0, so that AdamW's keep = 0 multiplies finite numbers)
+extern "C" __global__ void scale_grads(float* __restrict__ g, const float* __restrict__ mul,
+                                       long long n) {
+    float a = mul[0], b = mul[1];
+    int zero = mul[2] != 0.0f;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        g[i] = zero ? 0.0f : (g[i] * a) * b;
+}

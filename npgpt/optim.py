@@ -6,7 +6,7 @@ over the flat buffer, taken CHUNK elements at a time so that the temporaries are
 small scratch buffer (not a fifth model-sized array: 0.5 GB for GPT-2 124M); any
 other {name: array} dict is updated tensor by tensor with the same expressions.
 """
-from . import kernels
+from . import fused_optim
 from .backend import get_xp
 
 
@@ -47,9 +47,9 @@ class AdamW:
                 self.decay[n] = [slice(None)] if p.ndim >= 2 else []
         # on a GPU, a float32 flat buffer is updated by one fused kernel launch, which reads
         # where weight decay applies from a mask
-        self.fused = {n: kernels.decay_mask(self.decay[n], p.size, get_xp(p))
+        self.fused = {n: fused_optim.decay_mask(self.decay[n], p.size, get_xp(p))
                       for n, p in _buffers(params) if n == "*" and p.dtype == "float32"
-                      and kernels.applies(get_xp(p), p.dtype)}
+                      and fused_optim.applies(p)}
         self.scratch = {}  # per dtype: as long as the longest stretch updated at a time
         for n, p in _buffers(params):  # (the array code's; a kernel needs none)
             if n in self.fused:
@@ -82,14 +82,14 @@ class AdamW:
         gbufs = {"*": flat} if "*" in self.m else grads
         for n, p in _buffers(self.params):
             if n in self.fused and skip is None:
-                kernels.adamw_update(p, gbufs[n], self.m[n], self.v[n], self.fused[n], lr,
+                fused_optim.adamw_update(p, gbufs[n], self.m[n], self.v[n], self.fused[n], lr,
                                      self.betas, self.eps, self.weight_decay, bias1, bias2_sqrt)
                 continue
             c = [_scalar(x, p.dtype) for x in (1.0 - keep * lr * self.weight_decay,  # decay
                                                keep * (1.0 - b1), keep * (1.0 - b2),
                                                1.0 / bias2_sqrt, keep * lr / bias1)]
             if n in self.fused:  # the same coefficients, read by the kernel on the device
-                kernels.adamw_skippable_update(p, gbufs[n], self.m[n], self.v[n],
+                fused_optim.adamw_skippable_update(p, gbufs[n], self.m[n], self.v[n],
                                                self.fused[n], c, self.eps)
                 continue
             for span in self.decay[n]:
@@ -161,6 +161,9 @@ def clip_grad_norm(grads, max_norm):
 
     As torch's clip_grad_norm_: scale = min(1, max_norm / (norm + 1e-6)). Returns the
     pre-clip global norm as a 0-d array (use float() to read it)."""
+    flat = getattr(grads, "flat", None)
+    if fused_optim.applies(flat):  # on a GPU: the same in three launches
+        return fused_optim.clip_grad_norm(flat, max_norm)
     norm = grad_norm(grads)
     xp = get_xp(norm)
     scale = xp.minimum(1.0, max_norm / (norm + 1e-6)).astype(norm.dtype)

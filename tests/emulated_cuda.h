@@ -7,7 +7,8 @@
 //   threadIdx blockIdx blockDim gridDim    (.x .y .z, unsigned int, of the running thread)
 //   __shfl_xor_sync(mask, var, laneMask, width = 32) for float, double, int, unsigned,
 //       long long; the full mask 0xffffffff and width 32 only
-//   expf logf tanhf sqrtf fmaxf fminf fabsf (libm's), rsqrtf, INFINITY, size_t
+//   expf logf tanhf sqrtf fmaxf fminf fabsf, and sqrt pow in double (libm's), rsqrtf,
+//   INFINITY, size_t
 //   f16_bits_to_float, float_to_f16_bits: what kernels_common.cu does with the GPU's cvt
 //       instructions (inline PTX, compiled only where __CUDA_ARCH__ is defined), done by
 //       g++'s _Float16: exact widening, rounding to nearest even
@@ -42,6 +43,8 @@ float sqrtf(float) noexcept;
 float fmaxf(float, float) noexcept;
 float fminf(float, float) noexcept;
 float fabsf(float) noexcept;
+double sqrt(double) noexcept;
+double pow(double, double) noexcept;
 }
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 #define INFINITY (__builtin_inff())

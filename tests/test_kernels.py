@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import stand_in_gpu
-from npgpt import GPT, AdamW, GPTConfig, kernels, ops
+from npgpt import GPT, AdamW, GPTConfig, clip_grad_norm, kernels, ops
+from npgpt.mixed import MixedPrecision
 from npgpt.backend import gpu_available, to_numpy
 from npgpt.params import FlatDict, gpt2_param_shapes
 
@@ -333,6 +334,40 @@ def test_adamw_kernel_matches_the_plain_update(xp, skippable):
             np.testing.assert_array_equal(to_numpy(fused.params.flat), before)
     np.testing.assert_allclose(to_numpy(fused.params.flat), plain.params.flat, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(to_numpy(opt_fused.v["*"]), opt_plain.v["*"], rtol=1e-5, atol=1e-12)
+
+
+def test_fused_clipping_and_mixed_step_match_the_plain_array_code(xp):
+    """fused_optim's three-launch clip_grad_norm and five-launch mixed-precision step
+    against optim.py's and mixed.py's array code on the CPU, from the same gradients:
+    clipped and unclipped steps, a skipped one (an inf), and the scale's growth."""
+    cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8)
+    g = rng.standard_normal(GPT(cfg).grads.flat.shape).astype(np.float32)
+    fused, plain = GPT(cfg, seed=1, device="gpu"), GPT(cfg, seed=1)
+    fused.grads.flat[...] = xp.asarray(g)
+    plain.grads.flat[...] = g
+    norms = [clip_grad_norm(m.grads, 1.0) for m in (fused, plain)]
+    assert float(to_numpy(norms[0])) == pytest.approx(float(norms[1]), rel=1e-5)
+    np.testing.assert_allclose(to_numpy(fused.grads.flat), plain.grads.flat, rtol=1e-5)
+    mps = [MixedPrecision(GPT(cfg, seed=1, device=d), growth_interval=2) for d in ("gpu", "cpu")]
+    opts = [AdamW(mp.params, lr=1e-2) for mp in mps]
+    assert opts[0].fused and not opts[1].fused
+    for step, (bad, clip) in enumerate([(False, 1.0), (True, 1.0), (False, 0.0), (False, 50.0)]):
+        scaled = g * (step + 1) * 2.0 ** 16
+        if bad:
+            scaled[3] = np.inf
+        skips = []
+        for mp, opt, on in zip(mps, opts, (xp, np)):
+            mp.model.grads.flat[...] = on.asarray(scaled)
+            skips.append(bool(to_numpy(mp.step(opt, lr=1e-2 / (step + 1), grad_clip=clip))))
+        assert skips == [bad, bad]
+        assert mps[0].state() == mps[1].state() and opts[0].state()["t"] == opts[1].state()["t"]
+        np.testing.assert_allclose(to_numpy(mps[0].params.flat), mps[1].params.flat,
+                                   rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(to_numpy(opts[0].v["*"]), opts[1].v["*"], rtol=1e-4,
+                                   atol=1e-12)
+        np.testing.assert_array_equal(to_numpy(mps[0].model.params.flat),
+                                      to_numpy(mps[0].params.flat).astype(np.float16))
+    assert mps[0].state() == {"loss_scale": 2.0 ** 16, "scale_good_steps": 0, "skipped_steps": 1}
 
 
 CFG = GPTConfig(vocab_size=37, block_size=40, n_layer=2, n_head=2, n_embd=64, dropout=0.1)
