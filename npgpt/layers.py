@@ -40,8 +40,9 @@ class Linear:
         self.ws = ws or self.scratch.new()
         self.ops = ops
 
-    def forward(self, x):
-        out, self.cache = self.ops.linear_forward(x, self.w, self.b, self.ws)
+    def forward(self, x, into=None):
+        """x @ W + b, or into += x @ W + b (in place, returned) when `into` is given."""
+        out, self.cache = self.ops.linear_forward(x, self.w, self.b, self.ws, into=into)
         return out
 
     def backward(self, dout):
@@ -79,9 +80,12 @@ class Dropout:
     def __init__(self, p, rng):
         self.p, self.rng, self.mask = p, rng, None
 
+    def active(self, train):
+        return train and self.p > 0.0
+
     def forward(self, x, train):
         self.mask = None
-        if not train or self.p == 0.0:
+        if not self.active(train):
             return x
         self.mask = ops.dropout_mask(x.shape, self.p, self.rng, x.dtype)
         out, _ = ops.dropout_forward(x, self.mask)
@@ -92,6 +96,20 @@ class Dropout:
             return dout
         (dx,) = ops.dropout_backward(dout, self.mask)
         return dx
+
+
+def residual_branch(linear, dropout, y, train, residual):
+    """dropout(linear(y)) (a block branch's last steps), added into `residual` in place
+    and returned when one is given. With no dropout active, the product adds itself into
+    the residual (into=: on a GPU one cuBLAS call adds, with no pass of its own)."""
+    if residual is None or dropout.active(train):
+        out = dropout.forward(linear.forward(y), train)
+        if residual is None:
+            return out
+        residual += out
+        return residual
+    dropout.mask = None  # (inactive: its backward passes the gradient through)
+    return linear.forward(y, into=residual)
 
 
 class CausalSelfAttention:
@@ -105,17 +123,18 @@ class CausalSelfAttention:
         self.n_head, self.p, self.rng, self.ops = n_head, dropout, rng, ops
         self.ws, self.scratch = scratch["core"].new(), scratch["core"]
 
-    def forward(self, x, train, kv=None):
+    def forward(self, x, train, kv=None, residual=None):
+        """The branch's output, or residual += it (in place, returned) when given."""
         qkv = self.c_attn.forward(x)  # (B,T,3C)
         if kv is not None:  # sampling with a KV cache: kv = (k_cache, v_cache, pos)
             y = ops.attention_with_cache(qkv, self.n_head, *kv)
-            return self.c_proj.forward(y)
+            return residual_branch(self.c_proj, self.resid_dropout, y, False, residual)
         att_mask = None
         if train and self.p > 0.0:
             B, T, _ = x.shape
             att_mask = ops.dropout_mask((B, self.n_head, T, T), self.p, self.rng, x.dtype)
         y, self.cache = self.ops.attention_forward(qkv, self.n_head, att_mask, self.ws)
-        return self.resid_dropout.forward(self.c_proj.forward(y), train)
+        return residual_branch(self.c_proj, self.resid_dropout, y, train, residual)
 
     def backward(self, dout):
         dy = self.c_proj.backward(self.resid_dropout.backward(dout))
@@ -133,9 +152,10 @@ class MLP:
         self.dropout = Dropout(dropout, rng)
         self.ops, self.ws, self.scratch = ops, scratch["core"].new(), scratch["core"]
 
-    def forward(self, x, train):
+    def forward(self, x, train, residual=None):
+        """The branch's output, or residual += it (in place, returned) when given."""
         h, self.gelu_cache = self.ops.gelu_forward(self.c_fc.forward(x), self.ws)  # (B,T,4C)
-        return self.dropout.forward(self.c_proj.forward(h), train)
+        return residual_branch(self.c_proj, self.dropout, h, train, residual)
 
     def backward(self, dout):
         dh = self.c_proj.backward(self.dropout.backward(dout))
@@ -163,9 +183,8 @@ class Block:
         if not self.in_place:
             x = x + self.attn.forward(self.ln_1.forward(x), train, kv)
             return x + self.mlp.forward(self.ln_2.forward(x), train)
-        x += self.attn.forward(self.ln_1.forward(x), train, kv)
-        x += self.mlp.forward(self.ln_2.forward(x), train)
-        return x
+        x = self.attn.forward(self.ln_1.forward(x), train, kv, residual=x)  # x += attn(..)
+        return self.mlp.forward(self.ln_2.forward(x), train, residual=x)     # x += mlp(..)
 
     def backward(self, dout):
         # the residual passes dout straight through and adds each branch's input gradient

@@ -116,14 +116,22 @@ def _token_sums_in_fixed_order(idx, dout, dwte):
 # linear
 
 
-def linear_forward(x, w, b, ws=FRESH, *, add_bias=operator.iadd):
+def linear_forward(x, w, b, ws=FRESH, *, into=None, add_bias=operator.iadd):
     """out = x @ w + b.   x (..., Cin), w (Cin, Cout), b (Cout,) -> (..., Cout).
+    into: None (out is a new array), or an array of out's shape that x @ w + b is added to
+    in place and which is returned (a block's residual stream: on a GPU the product adds
+    itself in, with no pass of its own).
     add_bias(out, b): out += b in place (kernels.py passes its fused one).
     Textbook version: reference.linear_forward."""
     x2 = x.reshape(-1, x.shape[-1])  # (N, Cin): one matrix product for all positions
-    out = matmul(x2, w, out=ws("out", (x2.shape[0], w.shape[1]), x))
-    add_bias(out, b)
-    return out.reshape(*x.shape[:-1], w.shape[1]), LinearCache(x, w)  # (..., Cout)
+    if into is None:
+        out = matmul(x2, w, out=ws("out", (x2.shape[0], w.shape[1]), x))
+        add_bias(out, b)
+        return out.reshape(*x.shape[:-1], w.shape[1]), LinearCache(x, w)  # (..., Cout)
+    into2 = into.reshape(x2.shape[0], w.shape[1])  # (N, Cout), a view of `into`
+    matmul_add(x2, w, into2, ws, "out")             # into += x @ w
+    add_bias(into2, b)                              #      + b
+    return into, LinearCache(x, w)
 
 
 def linear_backward(dout, cache, ws=FRESH, *, into=None, column_sums=column_sums):
