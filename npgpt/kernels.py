@@ -11,10 +11,10 @@ allocated, and float64 models and CPU models always get the plain code. A float1
 its arrays are float16 (the math in float, each result rounded to float16 once, the row
 statistics and column sums float32 as ops.sum_dtype says).
 
-Status: the kernels passed their tests on an NVIDIA H200 (benchmarks/RESULTS.md; all but
-token_sums, added after the last GPU run), and every kernel runs in
-tests/emulated_cuda.py's emulator (g++ on the CPU) on every machine. They are the
-GPU's default; NPGPT_FUSED=0 turns them off (the plain CuPy array code of ops.py).
+Status: every kernel passed its tests on an NVIDIA H200 (benchmarks/RESULTS.md, the third
+run), and runs in tests/emulated_cuda.py's emulator (g++ on the CPU) on every machine.
+They are the GPU's default; NPGPT_FUSED=0 turns them off (the plain CuPy array code of
+ops.py).
 
 The kernels are compiled by `xp.RawModule` of the arrays' own module (CuPy, or the test
 suite's stand-in), once per module. Arguments go to a kernel as raw bytes, so every
