@@ -2,9 +2,10 @@
 
 A layer holds views of its parameters and of their gradients (from the model's flat
 buffers), keeps the cache of its last forward, and in backward *adds* its parameter
-gradients into the gradient views with `+=`. Because of that, the tied output head
-simply adds into the token-embedding gradient, and gradient accumulation over
-micro-batches needs no extra code.
+gradients into the gradient views with `+=` (a Linear hands its views to the op, which
+adds into them: on a GPU the product and the column sums add in place themselves).
+Because of that, the tied output head simply adds into the token-embedding gradient, and
+gradient accumulation over micro-batches needs no extra code.
 
 Memory (see arrays.Workspace). By default (GPT(reuse_memory=False)) every Workspace is a
 fresh one: each call returns new arrays and leaves its inputs alone, so a learner can keep
@@ -19,7 +20,8 @@ use scratch["core"] (their backwards are never in flight together), each LayerNo
 its own (ln_2's dx is the residual gradient that must outlive the attention branch). The
 residual branches' outputs are read right away into the residual stream, so both c_proj
 layers of every block write their forward results into scratch["residual"], and each
-block adds them into the stream in place.
+block adds them into the stream in place (with no dropout active, the product adds
+itself into the stream: residual_branch).
 
 The layers with a fused GPU kernel (LayerNorm, attention, the MLP's GELU, the linear
 layers' bias and its gradient, the embedding's gradient) call their op through
