@@ -363,8 +363,9 @@ def cross_entropy_backward(dloss, cache, ws=FRESH):
     xp = get_xp(probs)
     scale = xp.asarray(dloss / count, dtype=count.dtype).reshape(1)  # stays on the device
     dlogits = ws("dlogits", probs.shape, probs)
-    _flat("cross_entropy_backward", xp, probs.size, probs, t, scale, dlogits,
-          np.int64(probs.size), np.int32(probs.shape[1]), np.int64(ignore_index))
+    rows = probs.shape[0]
+    _rows("cross_entropy_backward", xp, rows, probs, t, scale, dlogits, np.int32(rows),
+          np.int32(probs.shape[1]), np.int64(ignore_index))
     return (dlogits.reshape(shape),)
 
 

@@ -65,35 +65,36 @@ extern "C" __global__ void nll_mean(const float* __restrict__ nll,
     }
 }
 
-// dlogits = scale * (probs - onehot(t)) for kept rows, 0 for ignored ones; one thread per
-// element; scale = dloss / (number of kept rows), a float device scalar (read without a
-// sync)
+// dlogits = scale * (probs - onehot(t)) for kept rows, 0 for ignored ones; one row of V
+// per warp (a row kernel: the row's target is read once, and no 64-bit division per
+// element works out which row an element is in); scale = dloss / (number of kept rows),
+// a float device scalar (read without a sync)
 template <typename T>
-__device__ __forceinline__ void cross_entropy_backward_elements(
+__device__ __forceinline__ void cross_entropy_backward_rows(
         const T* __restrict__ probs, const long long* __restrict__ targets,
-        const float* __restrict__ scale, T* __restrict__ dlogits, long long n, int V,
+        const float* __restrict__ scale, T* __restrict__ dlogits, int rows, int V,
         long long ignore_index) {
+    long long row = warp_row();
+    if (row >= rows) return;
+    long long t = targets[row], r0 = row * V;
     float s = scale[0];
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        long long t = targets[i / V];
-        float d = ld(probs, i) - ((i % V) == t ? 1.0f : 0.0f);
-        st(dlogits, i, t == ignore_index ? 0.0f : d * s);
-    }
+    for (int j = lane_id(); j < V; j += 32)
+        st(dlogits, r0 + j,
+           t == ignore_index ? 0.0f : (ld(probs, r0 + j) - (j == t ? 1.0f : 0.0f)) * s);
 }
 
 extern "C" __global__ void cross_entropy_backward(
         const float* __restrict__ probs, const long long* __restrict__ targets,
-        const float* __restrict__ scale, float* __restrict__ dlogits, long long n, int V,
+        const float* __restrict__ scale, float* __restrict__ dlogits, int rows, int V,
         long long ignore_index) {
-    cross_entropy_backward_elements(probs, targets, scale, dlogits, n, V, ignore_index);
+    cross_entropy_backward_rows(probs, targets, scale, dlogits, rows, V, ignore_index);
 }
 
 extern "C" __global__ void cross_entropy_backward_f16(
         const half_t* __restrict__ probs, const long long* __restrict__ targets,
-        const float* __restrict__ scale, half_t* __restrict__ dlogits, long long n, int V,
+        const float* __restrict__ scale, half_t* __restrict__ dlogits, int rows, int V,
         long long ignore_index) {
-    cross_entropy_backward_elements(probs, targets, scale, dlogits, n, V, ignore_index);
+    cross_entropy_backward_rows(probs, targets, scale, dlogits, rows, V, ignore_index);
 }
 
 // ---------------------------------------------------------------------------------------
