@@ -272,19 +272,20 @@ def causal_softmax_backward(ds, att, rowdot, att_mask):
 def _to_heads(tokens, heads, scale0=1.0):
     """heads (parts,B,nh,T,hs) = tokens (B,T,parts*C) by heads (part 0 times scale0), as
     the heads_transpose kernel (kernels_attention.cu) lays them out; returns heads."""
-    _heads_transpose(tokens, heads, heads, scale0, to_heads=1)
+    _heads_transpose(tokens, heads, scale0, to_heads=1)
     return heads
 
 
 def _to_tokens(heads, tokens, scale0=1.0):
     """The way back: tokens (B,T,parts*C) from heads (parts,B,nh,T,hs); returns tokens."""
-    _heads_transpose(heads, tokens, heads, scale0, to_heads=0)
+    _heads_transpose(tokens, heads, scale0, to_heads=0)
     return tokens
 
 
-def _heads_transpose(src, dst, heads, scale0, to_heads):
+def _heads_transpose(tokens, heads, scale0, to_heads):
     parts, B, nh, T, hs = heads.shape
     rows = parts * B * nh * T
+    src, dst = (tokens, heads) if to_heads else (heads, tokens)
     _rows("heads_transpose", get_xp(src), rows, src, dst, np.int64(rows), np.int32(B),
           np.int32(T), np.int32(nh), np.int32(hs), np.int32(parts), np.float32(scale0),
           np.int32(to_heads))

@@ -48,8 +48,7 @@ class AdamW:
         # on a GPU, a float32 flat buffer is updated by one fused kernel launch, which reads
         # where weight decay applies from a mask
         self.fused = {n: fused_optim.decay_mask(self.decay[n], p.size, get_xp(p))
-                      for n, p in _buffers(params) if n == "*" and p.dtype == "float32"
-                      and fused_optim.applies(p)}
+                      for n, p in _buffers(params) if n == "*" and fused_optim.applies(p)}
         self.scratch = {}  # per dtype: as long as the longest stretch updated at a time
         for n, p in _buffers(params):  # (the array code's; a kernel needs none)
             if n in self.fused:
@@ -82,15 +81,16 @@ class AdamW:
         gbufs = {"*": flat} if "*" in self.m else grads
         for n, p in _buffers(self.params):
             if n in self.fused and skip is None:
-                fused_optim.adamw_update(p, gbufs[n], self.m[n], self.v[n], self.fused[n], lr,
-                                     self.betas, self.eps, self.weight_decay, bias1, bias2_sqrt)
+                fused_optim.adamw_update(p, gbufs[n], self.m[n], self.v[n], self.fused[n],
+                                         lr, self.betas, self.eps, self.weight_decay, bias1,
+                                         bias2_sqrt)
                 continue
             c = [_scalar(x, p.dtype) for x in (1.0 - keep * lr * self.weight_decay,  # decay
                                                keep * (1.0 - b1), keep * (1.0 - b2),
                                                1.0 / bias2_sqrt, keep * lr / bias1)]
             if n in self.fused:  # the same coefficients, read by the kernel on the device
                 fused_optim.adamw_skippable_update(p, gbufs[n], self.m[n], self.v[n],
-                                               self.fused[n], c, self.eps)
+                                                   self.fused[n], c, self.eps)
                 continue
             for span in self.decay[n]:
                 p[span] *= c[0]                             # decoupled weight decay

@@ -9,8 +9,9 @@ NumPy's arithmetic. What it cannot see: np.asarray() of a subclass is a plain vi
 CuPy would raise. install(monkeypatch, fused=True) also runs npgpt's fused CUDA kernels,
 compiled by g++ against the CUDA emulator of emulated_cuda.py. Its `add.at` raises: on a
 GPU it adds with atomics, in no fixed order, so a resumed run would differ in the last bits.
-Its `cuda.cublas.gemmStridedBatchedEx` (and gemmEx) reads and writes NumPy memory through the raw
-pointers it is handed (DeviceArray.data.ptr), with cuBLAS's column-major conventions.
+Its `cuda.cublas.gemmStridedBatchedEx` and `gemmEx` read and write NumPy memory through
+the raw pointers they are handed (DeviceArray.data.ptr), with cuBLAS's column-major
+conventions.
 """
 import contextlib
 import ctypes

@@ -1,15 +1,15 @@
-"""gemm.batched_matmul: matrices and stacks of them through cuBLAS's
-gemmStridedBatchedEx, views and transposed views passed as they are. On the stand-in GPU the call is emulated on the
-same memory (stand_in_gpu.EmulatedCublas, column-major as cuBLAS), so these tests check
-the row-major to column-major mapping: flags, leading dimensions, strides and offsets."""
+"""gemm.batched_matmul: matrices and stacks of them through cuBLAS (gemmEx and
+gemmStridedBatchedEx), views and transposed views passed as they are. On the stand-in GPU
+the call is emulated on the same memory (stand_in_gpu.EmulatedCublas, column-major as
+cuBLAS), so these tests check the row-major to column-major mapping: flags, leading
+dimensions, strides and offsets."""
 import numpy as np
 import pytest
 
 import stand_in_gpu
-from npgpt import attention
+from npgpt import attention, gemm
 from npgpt.arrays import matmul
 from npgpt.backend import gpu_available, to_numpy
-from npgpt import gemm
 from npgpt.gemm import batched_matmul
 
 rng = np.random.default_rng(0)
