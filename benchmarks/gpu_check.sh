@@ -26,7 +26,8 @@
 #   2d_bench_fp16_fused.log     --dtype float16 (issue 17): npgpt mixed precision and npgpt
 #                               float32 against torch.autocast(float16) + GradScaler
 #   (2e, 2f: lines in summary.txt) benchmarks/gpu_products.py: attention's batched products,
-#                               npgpt's against CuPy's and PyTorch's; benchmarks/gpu_profile.py
+#                               npgpt's against CuPy's and PyTorch's, and the fused float32
+#                               attention on whole rows against query tiles; gpu_profile.py
 #                               --tf32 and --dtype float16: the fused steps' GPU time kernel by
 #                               kernel; --tf32 --host: the TF32 step's host time by function
 #   3_lecture_train.log         python train.py --preset lecture --device gpu --tf32

@@ -6,7 +6,9 @@ on an H200: float16 at 11 TFLOP/s, a tenth of PyTorch's bmm). npgpt's matmul han
 stacks to cublasGemmStridedBatchedEx itself. This times, for the attention products of a
 config: npgpt float32, npgpt float32 with TF32, npgpt float16, CuPy's float32 and float16
 batched matmul, and PyTorch's float16 bmm on the same GPU as the reference. One line per
-product.
+product; then the fused attention's forward + backward in float32, its products over
+whole (T,T) rows against query tiles (kernels.GPU_TILE rows, plain float32's default: the
+blocks above the diagonal skipped).
 
     python benchmarks/gpu_products.py                    # lecture: B 64, nh 6, T 256, hs 64
     python benchmarks/gpu_products.py --device cpu       # dry run with NumPy, tiny shapes
@@ -18,7 +20,8 @@ import time
 import common  # noqa: F401 - the repository on sys.path
 from common import np
 
-from npgpt import ops
+from npgpt import kernels, ops
+from npgpt.arrays import Workspace
 
 
 def timed(fn, sync, repeats):
@@ -87,6 +90,30 @@ def main():
         print(f"{name} {sa} @ {sb}: " + ", ".join(
             f"{k} {v:.3f} ms ({flops / v / 1e9:.1f} TFLOP/s)" for k, v in ms.items())
             + f"; npgpt float16 max error {err:.1e} of the largest entry")
+    if args.device == "gpu":
+        attention_tiles(xp, sync, (B, nh, T, hs), args.repeats)
+
+
+def attention_tiles(xp, sync, shape, repeats):
+    """One line: the fused float32 attention (forward + backward) on whole rows and in
+    query tiles of kernels.GPU_TILE rows, timed in turn."""
+    B, nh, T, hs = shape
+    rng = np.random.default_rng(1)
+    qkv = xp.asarray(rng.standard_normal((B, T, 3 * nh * hs)), dtype=xp.float32)
+    dy = xp.asarray(rng.standard_normal((B, T, nh * hs)), dtype=xp.float32)
+    ms = {}
+    tiles = [("whole rows", None), (f"tiles of {kernels.GPU_TILE}", kernels.GPU_TILE)]
+    for label, tile in tiles:
+        fws, bws = Workspace(), Workspace()
+
+        def step():
+            _, cache = kernels.attention_forward(qkv, nh, None, fws, tile=tile)
+            kernels.attention_backward(dy, cache, bws, tile=tile)
+
+        ms[label] = timed(step, sync, repeats)
+    (a, ta), (b, tb) = ms.items()
+    print(f"fused attention float32, forward + backward, (B, nh, T, hs) = {shape}: "
+          f"{a} {ta:.3f} ms, {b} {tb:.3f} ms: {ta / tb:.2f}x")
 
 
 if __name__ == "__main__":

@@ -111,6 +111,12 @@ def _plan(a, b, out, tf32):
                 COMPUTE_32F_FAST_TF32 if tf32 else COMPUTE_32F, offsets)
 
 
+def uses_tf32(dtype):
+    """Whether float32 products run on TF32 tensor cores: when CUPY_TF32 is set, as CuPy
+    decides for its own products (backend.enable_tf32 sets it)."""
+    return dtype == np.float32 and int(os.environ.get("CUPY_TF32", "0")) > 0
+
+
 def batched_matmul(xp, a, b, out, *, add=False):
     """out = a @ b for (..., m, k) @ (..., k, n) on a GPU through cuBLAS (no batch axes:
     one product), or None when the operands do not fit (the caller then uses xp.matmul).
@@ -123,7 +129,7 @@ def batched_matmul(xp, a, b, out, *, add=False):
         if a.ndim < 2 or b.ndim < 2:
             return None
         out = xp.empty(a.shape[:-1] + b.shape[-1:], dtype=a.dtype)
-    tf32 = a.dtype == np.float32 and int(os.environ.get("CUPY_TF32", "0")) > 0
+    tf32 = uses_tf32(a.dtype)
     key = (a.dtype, a.shape, a.strides, b.dtype, b.shape, b.strides, out.dtype, out.shape,
            out.strides, tf32)
     plan = _PLANS.get(key, False)

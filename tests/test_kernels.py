@@ -13,6 +13,7 @@ import pytest
 
 import stand_in_gpu
 from npgpt import GPT, AdamW, GPTConfig, clip_grad_norm, kernels, ops
+from npgpt.arrays import Workspace
 from npgpt.mixed import MixedPrecision
 from npgpt.backend import gpu_available, to_numpy
 from npgpt.params import FlatDict, gpt2_param_shapes
@@ -176,20 +177,47 @@ def test_causal_softmax_masks_the_future_exactly(xp, T):
     assert np.isfinite(got).all()
 
 
+def poisoned(xp, call):
+    """A Workspace whose arrays, made by one call(ws), are then all NaN: a kernel or
+    product that reads memory it did not write first turns the next call's results NaN."""
+    ws = Workspace()
+    call(ws)
+    for a in ws.arrays.values():
+        a[...] = xp.nan
+    return ws
+
+
+@pytest.mark.parametrize("tile", [None, 16, 8])  # T = 35: 1, 3 and 5 tiles (the last of 3)
 @pytest.mark.parametrize("dropout", [False, True])
-def test_attention(xp, dropout):
+def test_attention(xp, dropout, tile):
     B, T, nh, hs = 2, 35, 3, 8
     qkv = f32(xp, rng.standard_normal((B, T, 3 * nh * hs)))
     dy = f32(xp, rng.standard_normal((B, T, nh * hs)))
     mask = None
     if dropout:
         mask = (rng.random((B, nh, T, T)) >= 0.2) / 0.8
-    y, cache = kernels.attention_forward(qkv, nh, None if mask is None else f32(xp, mask))
+    dev_mask = None if mask is None else f32(xp, mask)
+    # the blocks above the diagonal that the tiles' products skip hold NaN: never read
+    fwd = poisoned(xp, lambda w: kernels.attention_forward(qkv, nh, dev_mask, w, tile=tile))
+    y, cache = kernels.attention_forward(qkv, nh, dev_mask, fwd, tile=tile)
     ref, ref_cache = ops.attention_forward(as64(qkv), nh, mask)
     assert_matches(y, ref)
-    (dqkv,) = kernels.attention_backward(dy, cache)
+    bwd = poisoned(xp, lambda w: kernels.attention_backward(dy, cache, w, tile=tile))
+    (dqkv,) = kernels.attention_backward(dy, cache, bwd, tile=tile)
     (ref_dqkv,) = ops.attention_backward(as64(dy), ref_cache)
     assert_matches(dqkv, ref_dqkv)
+
+
+def test_attention_tiles_in_plain_float32_only(monkeypatch):
+    """Query tiles where the GPU's time counts (plain float32), whole rows where the step
+    waits for the host (TF32, float16)."""
+    T = 4 * kernels.GPU_TILE
+    monkeypatch.delenv("CUPY_TF32", raising=False)
+    assert len(kernels._tiles(T, np.dtype(np.float32), "auto")) == 4
+    assert kernels._tiles(T, np.dtype(np.float16), "auto") == [(0, T)]
+    assert kernels._tiles(T, np.dtype(np.float32), None) == [(0, T)]
+    monkeypatch.setenv("CUPY_TF32", "1")
+    assert kernels._tiles(T, np.dtype(np.float32), "auto") == [(0, T)]
 
 
 def test_softmax_backward_gives_masked_entries_exactly_zero(xp):
@@ -373,9 +401,11 @@ def test_fused_clipping_and_mixed_step_match_the_plain_array_code(xp):
 CFG = GPTConfig(vocab_size=37, block_size=40, n_layer=2, n_head=2, n_embd=64, dropout=0.1)
 
 
-def test_the_fused_model_has_the_float64_models_gradients(xp):
+@pytest.mark.parametrize("gpu_tile", [None, 16])  # attention on whole rows, or 3 tiles
+def test_the_fused_model_has_the_float64_models_gradients(xp, monkeypatch, gpu_tile):
     """Through the whole model (T = 36 > 32 lanes, C = 64): the fused float32 gradients
     equal the float64 model's (which test_model gradient-checks) to float32 rounding."""
+    monkeypatch.setattr(kernels, "GPU_TILE", gpu_tile)
     idx = rng.integers(0, CFG.vocab_size, (3, 37))
     fused = GPT(CFG, seed=2, device="gpu")
     assert fused.ops is not ops and fused.ops.layernorm_forward is kernels.layernorm_forward
@@ -389,12 +419,14 @@ def test_the_fused_model_has_the_float64_models_gradients(xp):
                                    err_msg=name)
 
 
-def test_a_fused_step_sends_every_product_to_cublas_once(monkeypatch):
+@pytest.mark.parametrize("gpu_tile", [None, 16])  # T = 36: whole rows, or 3 query tiles
+def test_a_fused_step_sends_every_product_to_cublas_once(monkeypatch, gpu_tile):
     """On a GPU each call costs host time, and the step waits for the host: every product
     of a fused training step is one cuBLAS call (none falls back to CuPy's matmul), and
     attention's batched products too, on its contiguous heads (a strided view of qkv
-    would take a call per head)."""
+    would take a call per head), one per query tile."""
     fake = stand_in_gpu.install(monkeypatch, fused=True)
+    monkeypatch.setattr(kernels, "GPU_TILE", gpu_tile)
 
     def no_matmul(*args, **kwargs):
         raise AssertionError("a product fell back to xp.matmul (~60 us of host time on CuPy)")
@@ -402,14 +434,16 @@ def test_a_fused_step_sends_every_product_to_cublas_once(monkeypatch):
     monkeypatch.setattr(fake, "matmul", no_matmul, raising=False)
     model = GPT(CFG, seed=2, device="gpu")
     idx = rng.integers(0, CFG.vocab_size, (3, 37))
+    tiles = 1 if gpu_tile is None else 3
     calls = fake.cuda.cublas.calls
     model.forward(idx[:, :-1], idx[:, 1:], train=True)
-    # per block: c_attn, c_proj, c_fc, mlp's c_proj, and attention's att = q k^T, y = a v;
-    # then the tied head
-    assert len(calls) == CFG.n_layer * (4 + 2) + 1
+    # per block: c_attn, c_proj, c_fc, mlp's c_proj, and attention's att = q k^T, y = a v
+    # per tile; then the tied head
+    forward = CFG.n_layer * (4 + 2 * tiles) + 1
+    assert len(calls) == forward
     model.backward()
-    # per block: two products per linear layer, four for attention; the head's two
-    assert len(calls) == CFG.n_layer * (4 + 2) + 1 + CFG.n_layer * (4 * 2 + 4) + 2
+    # per block: two products per linear layer, four per tile for attention; the head's two
+    assert len(calls) == forward + CFG.n_layer * (4 * 2 + 4 * tiles) + 2
 
 
 def test_fused_and_plain_gpu_models_agree_with_dropout(xp, monkeypatch):
