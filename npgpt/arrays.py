@@ -20,17 +20,22 @@ class Workspace:
     op writes lives until the next use of the same name, so layers choose who shares a
     workspace (layers.py).
     FRESH (reuse=False), the ops' default `ws=`, always allocates (a Workspace you make
-    reuses unless told reuse=False). A name asked for in the shape it had last time gets
-    the same view back (a step asks the same shapes every time: making the view anew cost
-    more than the rest of the call, 2 us on NumPy and more on CuPy)."""
+    reuses unless told reuse=False). A name asked for in a shape it had before (since its
+    memory last grew) gets the same view back: a step asks the same shapes every time,
+    and layers that share a workspace ask one name in several (the linear layers'
+    backward: (N, C), (N, 4C), ...); making the view anew cost more than the rest of the
+    call, 2 us on NumPy and more on CuPy, whose GPU step waits for the host."""
+
+    MAX_VIEWS = 8  # shapes kept per name (sampling without a cache asks a new T each token)
 
     def __init__(self, reuse=True):
         self.reuse, self.arrays, self.views = reuse, {}, {}
 
     def __call__(self, name, shape, like, dtype=None):
         key = (name, like.dtype if dtype is None else dtype)  # (a float16 model keeps
-        view = self.views.get(key)                            # float32 sums beside)
-        if view is not None and view.shape == shape:
+        views = self.views.get(key)                           # float32 sums beside)
+        view = None if views is None else views.get(shape)
+        if view is not None:
             return view
         size, a = math.prod(shape), self.arrays.get(key)
         if a is None or a.size < size:
@@ -38,7 +43,10 @@ class Workspace:
             if not self.reuse:
                 return a.reshape(shape)
             self.arrays[key] = a
-        self.views[key] = view = a[:size].reshape(shape)
+            self.views[key] = views = {}  # (the old memory's views go with it)
+        if len(views) >= self.MAX_VIEWS:
+            views.clear()
+        views[shape] = view = a[:size].reshape(shape)
         return view
 
     def new(self):

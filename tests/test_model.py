@@ -259,3 +259,31 @@ def test_public_calls_return_the_callers_arrays_unless_memory_is_reused():
     model.reuse_memory = True
     e2 = model.embedding.forward(idx)
     assert model.blocks[0].forward(e2, False) is e2      # added in place
+
+
+def test_a_warm_training_step_makes_no_new_workspace_views(monkeypatch):
+    """Every step asks its workspaces for the same names in the same shapes, some names in
+    several (the linear layers share one for their backward): from the second step on,
+    each call hands back the view it made before (a new view costs host time: on a GPU
+    the step waits for the host)."""
+    from npgpt.arrays import Workspace
+    cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8)
+    model = GPT(cfg, seed=0, reuse_memory=True)
+    idx = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 9))
+    seen, new = {}, []
+    real = Workspace.__call__
+
+    def recording(ws, name, shape, like, dtype=None):
+        view = real(ws, name, shape, like, dtype)
+        key = (id(ws), name, shape, like.dtype if dtype is None else dtype)
+        if seen.setdefault(key, view) is not view:
+            new.append(name)
+        seen[key] = view
+        return view
+
+    monkeypatch.setattr(Workspace, "__call__", recording)
+    for step in range(3):
+        new.clear()
+        model.forward(idx[:, :-1], idx[:, 1:], train=True)
+        model.backward()
+    assert seen and not new, f"views made anew in a warm step: {sorted(set(new))}"

@@ -209,9 +209,11 @@ def test_a_workspace_hands_out_its_memory_by_name_and_shape():
     assert ws("x", (2, 3), like) is a            # the same shape: the same view
     b = ws("x", (3, 2), like)                    # another shape: the same memory
     assert b.shape == (3, 2) and np.shares_memory(a, b)
+    assert ws("x", (2, 3), like) is a and ws("x", (3, 2), like) is b  # each shape's view
     c = ws("x", (4, 4), like)                    # larger: new memory, kept from now on
     assert c.shape == (4, 4) and not np.shares_memory(a, c)
-    assert np.shares_memory(ws("x", (2, 3), like), c)
+    again = ws("x", (2, 3), like)                # a view of the new memory, not a's
+    assert again is not a and np.shares_memory(again, c)
     d = ws("x", (2, 3), like, np.dtype(np.float64))  # one array per dtype
     assert d.dtype == np.float64 and not np.shares_memory(d, c)
     assert not np.shares_memory(ws("y", (2, 3), like), c)  # one array per name
