@@ -7,7 +7,7 @@ stacks to cublasGemmStridedBatchedEx itself. This times, for the attention produ
 config: npgpt float32, npgpt float32 with TF32, npgpt float16, CuPy's float32 and float16
 batched matmul, and PyTorch's float16 bmm on the same GPU as the reference. One line per
 product; then the fused attention's forward + backward in float32, its products over
-whole (T,T) rows against query tiles (kernels.GPU_TILE rows, plain float32's default: the
+whole (T,T) rows against query tiles (fused_attention.GPU_TILE rows, plain float32's default: the
 blocks above the diagonal skipped).
 
     python benchmarks/gpu_products.py                    # lecture: B 64, nh 6, T 256, hs 64
@@ -20,7 +20,7 @@ import time
 import common  # noqa: F401 - the repository on sys.path
 from common import np
 
-from npgpt import kernels, ops
+from npgpt import fused_attention, ops
 from npgpt.arrays import Workspace
 
 
@@ -96,19 +96,19 @@ def main():
 
 def attention_tiles(xp, sync, shape, repeats):
     """One line: the fused float32 attention (forward + backward) on whole rows and in
-    query tiles of kernels.GPU_TILE rows, timed in turn."""
+    query tiles of fused_attention.GPU_TILE rows, timed in turn."""
     B, nh, T, hs = shape
     rng = np.random.default_rng(1)
     qkv = xp.asarray(rng.standard_normal((B, T, 3 * nh * hs)), dtype=xp.float32)
     dy = xp.asarray(rng.standard_normal((B, T, nh * hs)), dtype=xp.float32)
     ms = {}
-    tiles = [("whole rows", None), (f"tiles of {kernels.GPU_TILE}", kernels.GPU_TILE)]
+    tiles = [("whole rows", None), (f"tiles of {fused_attention.GPU_TILE}", fused_attention.GPU_TILE)]
     for label, tile in tiles:
         fws, bws = Workspace(), Workspace()
 
         def step():
-            _, cache = kernels.attention_forward(qkv, nh, None, fws, tile=tile)
-            kernels.attention_backward(dy, cache, bws, tile=tile)
+            _, cache = fused_attention.attention_forward(qkv, nh, None, fws, tile=tile)
+            fused_attention.attention_backward(dy, cache, bws, tile=tile)
 
         ms[label] = timed(step, sync, repeats)
     (a, ta), (b, tb) = ms.items()

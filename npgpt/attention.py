@@ -71,7 +71,8 @@ def causal_softmax(att, ws=FRESH, first=0):
     """att (B,nh,R,K): the scores of the R queries at positions first..first+R-1 against
     keys 0..K-1 (K = first + R) -> their causal softmax weights, in place (step (2)
     below). Keys first..K-1 are the diagonal block, where the future is masked; whole
-    rows: first = 0, R = K = T. kernels.py fuses the four passes into one (whole rows)."""
+    rows: first = 0, R = K = T. fused_attention.py fuses the four passes into one (whole
+    rows)."""
     xp, R = get_xp(att), att.shape[-2]
     att[..., first:] += causal_mask_bias(R, att.dtype, xp)  # -inf above the diagonal
     att -= xp.max(att, axis=-1, keepdims=True, out=ws("rowmax", att.shape[:-1] + (1,), att))
@@ -84,7 +85,7 @@ def causal_softmax(att, ws=FRESH, first=0):
 def causal_softmax_backward(ds, att, rowdot, att_mask):
     """Steps (3) and (2) of attention_backward, in place on one tile: ds holds da
     (B,nh,R,K) and becomes att * (da * att_mask - rowdot); rowdot (B,nh,R,1), att_mask
-    the tile's part of the mask or None. kernels.py fuses them (whole rows)."""
+    the tile's part of the mask or None. fused_attention.py fuses them (whole rows)."""
     if att_mask is not None:
         ds *= att_mask                                       # (3)
     ds -= rowdot                                             # (2)
@@ -105,8 +106,8 @@ def attention_forward(qkv, n_head, att_mask=None, ws=FRESH, *, softmax=causal_so
         att[first:end, :end] = softmax(qs[first:end] k[:end]^T + causal)
         y[first:end]         = (att * att_mask)[first:end, :end] v[:end]
     (the weights att[first:end, end:] of future keys are 0 and never computed).
-    softmax: the in-place step scores -> weights (kernels.py passes its fused one, with
-    tile=None: whole rows). Textbook version: reference.attention_forward.
+    softmax: the in-place step scores -> weights (fused_attention.py has its own attention,
+    whose products also run in tiles). Textbook version: reference.attention_forward.
     """
     xp = get_xp(qkv)
     B, T, C3 = qkv.shape

@@ -4,7 +4,8 @@ On a GPU the plain array code of ops.py makes one pass over memory per NumPy-sty
 expression: LayerNorm's forward is about ten, a softmax four. Each kernel here does the
 same math in one pass (its formula is written above it in the .cu file, and
 tests/test_kernels.py checks it against the plain op). `fused_ops(xp, dtype)` hands a
-model either ops.py itself or a namespace where these functions stand in for the plain
+model either ops.py itself or a namespace where these functions (and attention's, in
+fused_attention.py, which launches through the launchers here) stand in for the plain
 ones, signature for signature; the model chooses once, when its parameters are
 allocated, and float64 models and CPU models always get the plain code. A float16 model
 (mixed.py) gets the same functions: each launches the `_f16` version of its kernel when
@@ -12,7 +13,7 @@ its arrays are float16 (the math in float, each result rounded to float16 once, 
 statistics and column sums float32 as ops.sum_dtype says).
 
 Status: every kernel passed its tests on an NVIDIA H200 (benchmarks/RESULTS.md, the third
-run), and runs in tests/emulated_cuda.py's emulator (g++ on the CPU) on every machine.
+run; column_sums_split, LayerNorm's gradients added into the layer's, came later), and runs in tests/emulated_cuda.py's emulator (g++ on the CPU) on every machine.
 They are the GPU's default; NPGPT_FUSED=0 turns them off (the plain CuPy array code of
 ops.py).
 
@@ -31,10 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from . import ops
-from .arrays import FRESH, matmul, sum_dtype
-from .attention import query_tiles
+from .arrays import FRESH, sum_dtype
 from .backend import get_xp
-from .gemm import uses_tf32
 
 # the CUDA source, by concern: the shared helpers first (storage types, warp sums)
 SOURCES = tuple(Path(__file__).with_name(f"kernels_{part}.cu")
@@ -50,7 +49,8 @@ COLUMN_CHUNK = 32    # column_sums: rows per partial sum (8192 rows: 3 launches)
 # gradients, and nll_mean, on float32 losses, have only the first)
 SUFFIX = {np.dtype(np.float32): "", np.dtype(np.float16): "_f16"}
 FLOAT32_ONLY = {"adamw", "adamw_skippable", "nll_mean", "sum_squares", "clip_scalars",
-                "mixed_scalars", "scale_grads"}  # (the optimizer's: fused_optim.py)
+                "mixed_scalars", "scale_grads",  # (the optimizer's: fused_optim.py)
+                "column_sums_split"}  # (a column-sum tree's last level: float32 rows)
 
 
 def requested():
@@ -69,8 +69,9 @@ def fused_ops(xp, dtype):
     fused ones where they apply, else ops.py's."""
     if not applies(xp, dtype):
         return ops
+    from . import fused_attention  # (which launches through this module's launchers)
     names = {n: getattr(ops, n) for n in dir(ops) if not n.startswith("_")}
-    return types.SimpleNamespace(**{**names, **FUSED})
+    return types.SimpleNamespace(**{**names, **FUSED, **fused_attention.FUSED})
 
 
 def source():
@@ -129,7 +130,8 @@ def column_sums(a, out=None, *, add=False):
     Each launch sums chunks of COLUMN_CHUNK rows, in row order, into a new matrix of one
     row per chunk, until one row is left (8192 rows: 256, 8, 1). The sums are float32
     for float16 rows too (sum_dtype). out: a contiguous float32 (C,) array the last level
-    writes, or adds to (add=True: out += the sums, as a layer adds its gradient)."""
+    writes, or adds to (add=True: out += the sums, as a layer adds its gradient); or, for
+    float32 rows, two of them, (C1,) and (C - C1,): the first C1 sums and the rest."""
     xp = get_xp(a)
     a2 = _contiguous(a.reshape(-1, a.shape[-1]))  # (N, C)
     N, C = a2.shape
@@ -137,6 +139,11 @@ def column_sums(a, out=None, *, add=False):
     while True:
         chunks = math.ceil(N / COLUMN_CHUNK)
         last = chunks == 1 and out is not None
+        if last and isinstance(out, tuple):  # float32 rows here (the tree's later levels)
+            part, part2 = out
+            _flat("column_sums_split", xp, C, a2, part, part2, np.int32(part.size),
+                  np.int64(N), np.int32(C), np.int32(COLUMN_CHUNK), np.int32(add))
+            return out
         part = out.reshape(1, C) if last else xp.empty((chunks, C), dtype=acc)  # (chunks, C)
         _flat("column_sums", xp, part.size, a2, part, np.int64(N), np.int32(C),
               np.int32(COLUMN_CHUNK), np.int32(last and add))
@@ -201,10 +208,10 @@ def layernorm_forward(x, w, b, eps=1e-5, ws=FRESH):
     return out, ops.LayerNormCache(xhat, rstd, w)
 
 
-def layernorm_backward(dout, cache, ws=FRESH, *, residual=None):
+def layernorm_backward(dout, cache, ws=FRESH, *, residual=None, into=None):
     """ops.layernorm_backward: dx (plus residual) in one kernel; db and dw as the two halves
     of one column_sums tree, whose first level (layernorm_param_grads) sums dout and
-    dout * xhat."""
+    dout * xhat, and whose last level adds them into `into`'s (dw, db) when given."""
     xhat, rstd, w = cache
     xp, dout = get_xp(dout), _contiguous(dout)
     C = xhat.shape[-1]
@@ -217,6 +224,10 @@ def layernorm_backward(dout, cache, ws=FRESH, *, residual=None):
     part = xp.empty((chunks, 2 * C), dtype=sum_dtype(dout.dtype))  # (chunks, [db | dw])
     _flat("layernorm_param_grads", xp, chunks * C, dout, xhat, part, np.int64(rows),
           np.int32(C), np.int32(COLUMN_CHUNK))
+    if into is not None:
+        dw, db = into
+        column_sums(part, out=(db, dw), add=True)  # db += part's first half, dw += the rest
+        return dx, dw, db
     sums = column_sums(part) if chunks > 1 else part.reshape(2 * C)  # (2C,)
     return dx, sums[C:], sums[:C]
 
@@ -240,133 +251,6 @@ def gelu_backward(dout, cache, ws=FRESH):
     dx = ws("dx", x.shape, dout)
     _flat("gelu_backward", xp, x.size, dout, x, dx, np.int64(x.size))
     return (dx,)
-
-
-# ----------------------------------------------------------------------------
-# attention: each head's matrices made contiguous first, so that every batched product
-# is one cuBLAS launch. The softmax kernels take whole (T,T) rows: they read the keys at
-# or before each query only and write zeros past it. So the products may skip the blocks
-# above the diagonal: in query tiles (as attention.py's on the CPU), each tile's products
-# reach the keys up to its last query only, and the blocks never computed are never read.
-# Plain float32 uses tiles: its step waits for the GPU (H200: 32.9 ms of kernels in a 34.6
-# ms step, about 2 ms of them attention's masked half). TF32 and float16 keep one tile of
-# whole rows: their steps wait for the host, and each tile adds six launches per layer.
-# Not yet timed on a GPU (gpu_check.sh's float32 step will say); None: whole rows.
-GPU_TILE = 64  # query rows per tile in plain float32 (T = 256: 10 of 16 blocks computed)
-
-
-def _tiles(T, dtype, tile):
-    """query_tiles for attention's products; tile "auto": GPU_TILE in plain float32,
-    else whole rows (None)."""
-    if tile == "auto":
-        tile = GPU_TILE if dtype == np.float32 and not uses_tf32(dtype) else None
-    return query_tiles(T, tile)
-
-
-def causal_softmax(att, ws=FRESH, first=0):
-    """ops.causal_softmax in one kernel, in place on att (B,nh,T,T), contiguous: whole
-    rows only (first = 0)."""
-    T = att.shape[-1]
-    if first != 0 or att.shape[-2] != T:
-        raise ValueError(f"the fused causal softmax takes whole (T,T) rows, got a tile of "
-                         f"shape {att.shape} starting at query {first}")
-    rows = att.size // T
-    _rows("causal_softmax", get_xp(att), rows, att, np.int32(rows), np.int32(T))
-    return att
-
-
-def causal_softmax_backward(ds, att, rowdot, att_mask):
-    """ops.causal_softmax_backward in one kernel, in place on ds (B,nh,T,T); rowdot
-    (B,nh,T,1) in sum_dtype (float32)."""
-    T = att.shape[-1]
-    rows = ds.size // T
-    mask = att if att_mask is None else _contiguous(att_mask)  # (unread without dropout)
-    _rows("causal_softmax_backward", get_xp(ds), rows, ds, att, _contiguous(rowdot), mask,
-          np.int32(att_mask is not None), np.int32(rows), np.int32(T))
-    return ds
-
-
-def _to_heads(tokens, heads, scale0=1.0):
-    """heads (parts,B,nh,T,hs) = tokens (B,T,parts*C) by heads (part 0 times scale0), as
-    the heads_transpose kernel (kernels_attention.cu) lays them out; returns heads."""
-    _heads_transpose(tokens, heads, scale0, to_heads=1)
-    return heads
-
-
-def _to_tokens(heads, tokens, scale0=1.0):
-    """The way back: tokens (B,T,parts*C) from heads (parts,B,nh,T,hs); returns tokens."""
-    _heads_transpose(tokens, heads, scale0, to_heads=0)
-    return tokens
-
-
-def _heads_transpose(tokens, heads, scale0, to_heads):
-    parts, B, nh, T, hs = heads.shape
-    rows = parts * B * nh * T
-    src, dst = (tokens, heads) if to_heads else (heads, tokens)
-    _rows("heads_transpose", get_xp(src), rows, src, dst, np.int64(rows), np.int32(B),
-          np.int32(T), np.int32(nh), np.int32(hs), np.int32(parts), np.float32(scale0),
-          np.int32(to_heads))
-
-
-def attention_forward(qkv, n_head, att_mask=None, ws=FRESH, *, tile="auto"):
-    """ops.attention_forward with the softmax on whole rows, its math and steps (1)-(4)
-    (see ops.attention_backward), with q, k and v first copied out of qkv (B,T,3C) into
-    one (3,B,nh,T,hs) array, q already times scale: as strided views of qkv each product
-    would take nh cuBLAS launches (gemm.py), contiguous it takes one per query tile (tile:
-    rows per tile, None for whole rows, "auto" as _tiles). The cache is
-    ops.AttentionCache with its y kept per head, (B,nh,T,hs), for the backward."""
-    xp, qkv = get_xp(qkv), _contiguous(qkv)
-    B, T, C3 = qkv.shape
-    nh, hs = n_head, C3 // (3 * n_head)
-    scale = 1.0 / math.sqrt(hs)
-    heads = ws("heads", (3, B, nh, T, hs), qkv)
-    _to_heads(qkv, heads, scale)                       # (B,T,3C) -> (3,B,nh,T,hs)
-    qs, k, v = heads                                   # (B,nh,T,hs) each, contiguous
-    bounds = _tiles(T, qkv.dtype, tile)
-    att = ws("att", (B, nh, T, T), qkv)
-    for first, end in bounds:  # queries first..end-1 against keys 0..end-1
-        matmul(qs[:, :, first:end], k[:, :, :end].transpose(0, 1, 3, 2),
-               out=att[:, :, first:end, :end])                                      # (1)
-    causal_softmax(att)                                                              # (2)
-    a = att if att_mask is None else xp.multiply(att, att_mask,
-                                                 out=ws("att_used", att.shape, qkv))  # (3)
-    yh = ws("yh", (B, nh, T, hs), qkv)
-    for first, end in bounds:
-        matmul(a[:, :, first:end, :end], v[:, :, :end], out=yh[:, :, first:end])     # (4)
-    y = _to_tokens(yh[None], ws("y", (B, T, nh * hs), qkv))  # (1,B,nh,T,hs) -> (B,T,C)
-    return y, ops.AttentionCache(qs, k, v, [att], [a], att_mask, scale, yh)
-
-
-def attention_backward(dy, cache, ws=FRESH, *, tile="auto"):
-    """ops.attention_backward on the forward's contiguous heads, each line inverting the
-    forward line with the same number: dq, dk and dv land in one (3,B,nh,T,hs) array,
-    copied into dqkv (B,T,3C) at the end with dq times scale. The products run over the
-    tiles of `tile` (as attention_forward; any tiling gives the same sums): a query tile
-    writes dq[first:end] from keys 0..end-1; the same rows as a key tile write dk and dv
-    [first:end] from queries first..T-1, the only ones that see those keys."""
-    qs, k, v, (att,), (a,), att_mask, scale, yh = cache
-    xp, (B, nh, T, hs) = get_xp(dy), qs.shape
-    bounds = _tiles(T, dy.dtype, tile)
-    dyh = _to_heads(_contiguous(dy), ws("dyh", (1,) + yh.shape, dy))[0]  # (B,nh,T,hs)
-    dheads = ws("dheads", (3, B, nh, T, hs), dy)
-    dq, dk, dv = dheads
-    ds = ws("ds", att.shape, dy)
-    for first, end in bounds:
-        matmul(a[:, :, first:, first:end].transpose(0, 1, 3, 2), dyh[:, :, first:],
-               out=dv[:, :, first:end])                                # (4) dv = a^T dy
-        matmul(dyh[:, :, first:end], v[:, :, :end].transpose(0, 1, 3, 2),
-               out=ds[:, :, first:end, :end])                          # (4) da
-    rows = B * nh * T
-    rowdot = ws("rowdot", (B, nh, T, 1), dy, sum_dtype(dy.dtype))     # dy_i . y_i
-    _rows("row_dots", xp, rows, dyh, yh, rowdot, np.int32(rows), np.int32(hs))
-    causal_softmax_backward(ds, att, rowdot, att_mask)                 # (3) and (2)
-    for first, end in bounds:
-        matmul(ds[:, :, first:end, :end], k[:, :, :end],
-               out=dq[:, :, first:end])             # (1) dq = ds k (times scale below)
-        matmul(ds[:, :, first:, first:end].transpose(0, 1, 3, 2), qs[:, :, first:],
-               out=dk[:, :, first:end])             # (1) dk = ds^T qs
-    dqkv = ws("dx", (B, T, 3 * nh * hs), dy)
-    return (_to_tokens(dheads, dqkv, scale),)          # (3,B,nh,T,hs) -> (B,T,3C)
 
 
 # ----------------------------------------------------------------------------
@@ -409,6 +293,5 @@ FUSED = {"embedding_backward": embedding_backward,
          "linear_forward": linear_forward, "linear_backward": linear_backward,
          "layernorm_forward": layernorm_forward, "layernorm_backward": layernorm_backward,
          "gelu_forward": gelu_forward, "gelu_backward": gelu_backward,
-         "attention_forward": attention_forward, "attention_backward": attention_backward,
          "cross_entropy_forward": cross_entropy_forward,
          "cross_entropy_backward": cross_entropy_backward}

@@ -160,6 +160,8 @@ extern "C" __global__ void layernorm_backward_f16(
 // than the memory allows: one column per block, strided reads.) The sums are float for
 // float16 rows too: only the first level reads half_t. add = 1 (the last level, one row):
 //   part[0, c] = part[0, c] + (that sum)       (a gradient added into, as `grad += sum`)
+// The last level may write two arrays: columns c < split to part, the others to part2 at
+// c - split (LayerNorm's db and dw, each added into its own gradient); split = C: part only.
 
 // thread i's share of a level: chunk s, column c, the chunk's rows begin .. end - 1
 // (the last chunk may be short); a level has ceil(N / R) * C of them
@@ -171,28 +173,36 @@ __device__ __forceinline__ ChunkColumn chunk_column(long long i, long long N, in
 }
 
 template <typename T>
-__device__ __forceinline__ void column_sums_level(const T* __restrict__ a,
-                                                  float* __restrict__ part,
-                                                  long long N, int C, int R, int add) {
+__device__ __forceinline__ void column_sums_level(const T* __restrict__ a, float* part,
+                                                  float* part2, int split, long long N,
+                                                  int C, int R, int add) {
     long long n = (N + R - 1) / R * C;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         ChunkColumn q = chunk_column(i, N, C, R);
         float acc = 0.0f;
         for (long long r = q.begin; r < q.end; ++r) acc += ld(a, r * C + q.c);
-        part[i] = add ? part[i] + acc : acc;  // add = 1: the last level adds into a gradient
+        float* dst = q.c < split ? part + i : part2 + (i - split);  // (split < C: one row)
+        *dst = add ? *dst + acc : acc;  // add = 1: the last level adds into a gradient
     }
 }
 
 extern "C" __global__ void column_sums(const float* __restrict__ a, float* __restrict__ part,
                                        long long N, int C, int R, int add) {
-    column_sums_level(a, part, N, C, R, add);
+    column_sums_level(a, part, part, C, N, C, R, add);
 }
 
 extern "C" __global__ void column_sums_f16(const half_t* __restrict__ a,
                                            float* __restrict__ part, long long N, int C,
                                            int R, int add) {
-    column_sums_level(a, part, N, C, R, add);
+    column_sums_level(a, part, part, C, N, C, R, add);
+}
+
+extern "C" __global__ void column_sums_split(const float* __restrict__ a,
+                                             float* __restrict__ part,
+                                             float* __restrict__ part2, int split,
+                                             long long N, int C, int R, int add) {
+    column_sums_level(a, part, part2, split, N, C, R, add);
 }
 
 // LayerNorm's parameter gradients, the first level of column_sums for two sums at once,

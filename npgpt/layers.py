@@ -26,7 +26,7 @@ itself into the stream: residual_branch).
 The layers with a fused GPU kernel (LayerNorm, attention, the MLP's GELU, the linear
 layers' bias and its gradient, the embedding's gradient) call their op through
 `self.ops`: npgpt.ops itself, or kernels.fused_ops's table, which the model chooses once
-(see kernels.py); the others call npgpt.ops directly.
+(see kernels.py and fused_attention.py); the others call npgpt.ops directly.
 """
 from . import ops
 from .arrays import Workspace
@@ -68,10 +68,9 @@ class LayerNorm:
 
     def backward(self, dout, residual=None):
         """dx (plus `residual`, the gradient a skip connection carries around this layer)."""
-        dx, dw, db = self.ops.layernorm_backward(dout, self.cache, self.scratch,
-                                                 residual=residual)
-        self.dw += dw
-        self.db += db
+        # the op adds dw and db into our gradient views (self.dw += dw, self.db += db)
+        dx, _, _ = self.ops.layernorm_backward(dout, self.cache, self.scratch,
+                                               residual=residual, into=(self.dw, self.db))
         return dx
 
 

@@ -209,7 +209,7 @@ def layernorm_forward(x, w, b, eps=1e-5, ws=FRESH):
     return out, LayerNormCache(xhat, rstd, w)
 
 
-def layernorm_backward(dout, cache, ws=FRESH, *, residual=None):
+def layernorm_backward(dout, cache, ws=FRESH, *, residual=None, into=None):
     """forward: xhat = (x - mean) * rstd;  out = xhat * w + b
     db    = sum over positions of dout
     dw    = sum over positions of dout * xhat
@@ -221,6 +221,9 @@ def layernorm_backward(dout, cache, ws=FRESH, *, residual=None):
              mean_C(xhat^2) = 1)
     residual: None, or an array of dx's shape added to dx (a block's skip connection
     carries the gradient around the LayerNorm; the fused kernel adds it in its own pass).
+    into: None (dw and db are new arrays), or the layer's (dw, db) gradient arrays, which
+    these are added to (+=) and which are returned (on a GPU the column sums' last launch
+    adds them).
     Textbook version: reference.layernorm_backward.
     """
     xhat, rstd, w = cache
@@ -239,7 +242,12 @@ def layernorm_backward(dout, cache, ws=FRESH, *, residual=None):
         dx_b *= rstd_b
     if residual is not None:
         dx += residual
-    return dx, dw, db
+    if into is None:
+        return dx, dw, db
+    dw_into, db_into = into
+    dw_into += dw
+    db_into += db
+    return dx, dw_into, db_into
 
 
 # ----------------------------------------------------------------------------

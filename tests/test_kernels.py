@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import stand_in_gpu
-from npgpt import GPT, AdamW, GPTConfig, clip_grad_norm, kernels, ops
+from npgpt import (GPT, AdamW, GPTConfig, clip_grad_norm, fused_attention, kernels,
+                   ops)
 from npgpt.arrays import Workspace
 from npgpt.mixed import MixedPrecision
 from npgpt.backend import gpu_available, to_numpy
@@ -76,6 +77,15 @@ def test_layernorm(xp, shape):
     res = f32(xp, rng.standard_normal(shape))  # a skip connection's gradient, added to dx
     dx, _, _ = kernels.layernorm_backward(dout, cache, residual=res)
     assert_matches(dx, ops.layernorm_backward(as64(dout), ref_cache, residual=as64(res))[0])
+    # into=: dw and db added into a layer's gradient arrays (by the column sums' last
+    # launch), as the plain op adds them; the same arrays come back
+    grads = [rng.standard_normal(C) for _ in "wb"]
+    into = tuple(f32(xp, g) for g in grads)
+    got = kernels.layernorm_backward(dout, cache, into=into)
+    want = ops.layernorm_backward(as64(dout), ref_cache, into=tuple(g.copy() for g in grads))
+    assert got[1] is into[0] and got[2] is into[1]
+    for g, w_ in zip(got[1:], want[1:]):
+        assert_matches(g, w_)
 
 
 def tree_of_column_sums(a, chunk):
@@ -99,6 +109,18 @@ def test_column_sums(xp, monkeypatch, shape):
     assert_matches(got, a2.astype(np.float64).sum(axis=0))
     # the same bits as the tree it documents: an order fixed by the shape alone
     np.testing.assert_array_equal(to_numpy(got), tree_of_column_sums(a2, kernels.COLUMN_CHUNK))
+
+
+@pytest.mark.parametrize("rows", [1, 33, 1000])  # one level, two, three
+def test_column_sums_split_into_two_gradients(xp, rows):
+    """out=(lo, hi): the last level adds the first lo.size sums into lo, the rest into hi,
+    the same bits as one (C,) result added in two parts."""
+    a = f32(xp, rng.standard_normal((rows, 10)))
+    lo, hi = f32(xp, rng.standard_normal(4)), f32(xp, rng.standard_normal(6))
+    want = np.concatenate([to_numpy(lo), to_numpy(hi)]) + to_numpy(kernels.column_sums(a))
+    got = kernels.column_sums(a, out=(lo, hi), add=True)
+    assert got[0] is lo and got[1] is hi
+    np.testing.assert_array_equal(np.concatenate([to_numpy(lo), to_numpy(hi)]), want)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
@@ -167,7 +189,7 @@ def test_causal_softmax_masks_the_future_exactly(xp, T):
     s = rng.standard_normal((2, 3, T, T)) * 4
     s[0, 0, -1, 0] = -1000.0   # a huge negative score: weight 0, row still normalised
     s[1, 2, -1, -1] = 1000.0   # a huge positive one: weight 1, no overflow
-    att = kernels.causal_softmax(f32(xp, s))
+    att = fused_attention.causal_softmax(f32(xp, s))
     ref = ops.causal_softmax(s.astype(np.float32).astype(np.float64))
     assert_matches(att, ref)
     got = to_numpy(att)
@@ -198,12 +220,12 @@ def test_attention(xp, dropout, tile):
         mask = (rng.random((B, nh, T, T)) >= 0.2) / 0.8
     dev_mask = None if mask is None else f32(xp, mask)
     # the blocks above the diagonal that the tiles' products skip hold NaN: never read
-    fwd = poisoned(xp, lambda w: kernels.attention_forward(qkv, nh, dev_mask, w, tile=tile))
-    y, cache = kernels.attention_forward(qkv, nh, dev_mask, fwd, tile=tile)
+    fwd = poisoned(xp, lambda w: fused_attention.attention_forward(qkv, nh, dev_mask, w, tile=tile))
+    y, cache = fused_attention.attention_forward(qkv, nh, dev_mask, fwd, tile=tile)
     ref, ref_cache = ops.attention_forward(as64(qkv), nh, mask)
     assert_matches(y, ref)
-    bwd = poisoned(xp, lambda w: kernels.attention_backward(dy, cache, w, tile=tile))
-    (dqkv,) = kernels.attention_backward(dy, cache, bwd, tile=tile)
+    bwd = poisoned(xp, lambda w: fused_attention.attention_backward(dy, cache, w, tile=tile))
+    (dqkv,) = fused_attention.attention_backward(dy, cache, bwd, tile=tile)
     (ref_dqkv,) = ops.attention_backward(as64(dy), ref_cache)
     assert_matches(dqkv, ref_dqkv)
 
@@ -211,21 +233,21 @@ def test_attention(xp, dropout, tile):
 def test_attention_tiles_in_plain_float32_only(monkeypatch):
     """Query tiles where the GPU's time counts (plain float32), whole rows where the step
     waits for the host (TF32, float16)."""
-    T = 4 * kernels.GPU_TILE
+    T = 4 * fused_attention.GPU_TILE
     monkeypatch.delenv("CUPY_TF32", raising=False)
-    assert len(kernels._tiles(T, np.dtype(np.float32), "auto")) == 4
-    assert kernels._tiles(T, np.dtype(np.float16), "auto") == [(0, T)]
-    assert kernels._tiles(T, np.dtype(np.float32), None) == [(0, T)]
+    assert len(fused_attention._tiles(T, np.dtype(np.float32), "auto")) == 4
+    assert fused_attention._tiles(T, np.dtype(np.float16), "auto") == [(0, T)]
+    assert fused_attention._tiles(T, np.dtype(np.float32), None) == [(0, T)]
     monkeypatch.setenv("CUPY_TF32", "1")
-    assert kernels._tiles(T, np.dtype(np.float32), "auto") == [(0, T)]
+    assert fused_attention._tiles(T, np.dtype(np.float32), "auto") == [(0, T)]
 
 
 def test_softmax_backward_gives_masked_entries_exactly_zero(xp):
     T = 9
-    att = kernels.causal_softmax(f32(xp, rng.standard_normal((1, 2, T, T))))
+    att = fused_attention.causal_softmax(f32(xp, rng.standard_normal((1, 2, T, T))))
     ds = f32(xp, rng.standard_normal((1, 2, T, T)))
     rowdot = f32(xp, rng.standard_normal((1, T, 2, 1))).transpose(0, 2, 1, 3)
-    got = to_numpy(kernels.causal_softmax_backward(ds, att, rowdot, None))
+    got = to_numpy(fused_attention.causal_softmax_backward(ds, att, rowdot, None))
     assert np.all(got[..., np.triu(np.ones((T, T), dtype=bool), k=1)] == 0.0)
 
 
@@ -303,14 +325,14 @@ def test_causal_softmax_and_its_backward_float16(xp, dropout):
     B, nh, T = 2, 3, 37
     s = rng.standard_normal((B, nh, T, T)) * 4
     s[0, 0, -1, 0] = -1000.0
-    att = kernels.causal_softmax(f32(xp, s, F16))
+    att = fused_attention.causal_softmax(f32(xp, s, F16))
     ref = ops.causal_softmax(as64(f32(np, s, F16)))
     assert_matches(att, ref, F16)
     assert np.all(to_numpy(att)[..., np.triu(np.ones((T, T), dtype=bool), k=1)] == 0.0)
     da = rng.standard_normal((B, nh, T, T))
     mask = (rng.random((B, nh, T, T)) >= 0.2) / 0.8 if dropout else None
     rowdot = rng.standard_normal((B, T, nh, 1))  # float32, (B,T,nh,1) as attention keeps it
-    got = kernels.causal_softmax_backward(
+    got = fused_attention.causal_softmax_backward(
         f32(xp, da, F16), att, f32(xp, rowdot).transpose(0, 2, 1, 3),
         None if mask is None else f32(xp, mask, F16))
     want = ops.causal_softmax_backward(as64(f32(np, da, F16)), as64(att),
@@ -405,7 +427,7 @@ CFG = GPTConfig(vocab_size=37, block_size=40, n_layer=2, n_head=2, n_embd=64, dr
 def test_the_fused_model_has_the_float64_models_gradients(xp, monkeypatch, gpu_tile):
     """Through the whole model (T = 36 > 32 lanes, C = 64): the fused float32 gradients
     equal the float64 model's (which test_model gradient-checks) to float32 rounding."""
-    monkeypatch.setattr(kernels, "GPU_TILE", gpu_tile)
+    monkeypatch.setattr(fused_attention, "GPU_TILE", gpu_tile)
     idx = rng.integers(0, CFG.vocab_size, (3, 37))
     fused = GPT(CFG, seed=2, device="gpu")
     assert fused.ops is not ops and fused.ops.layernorm_forward is kernels.layernorm_forward
@@ -426,7 +448,7 @@ def test_a_fused_step_sends_every_product_to_cublas_once(monkeypatch, gpu_tile):
     attention's batched products too, on its contiguous heads (a strided view of qkv
     would take a call per head), one per query tile."""
     fake = stand_in_gpu.install(monkeypatch, fused=True)
-    monkeypatch.setattr(kernels, "GPU_TILE", gpu_tile)
+    monkeypatch.setattr(fused_attention, "GPU_TILE", gpu_tile)
 
     def no_matmul(*args, **kwargs):
         raise AssertionError("a product fell back to xp.matmul (~60 us of host time on CuPy)")
@@ -476,7 +498,7 @@ def test_fused_ops_replace_the_plain_ones_signature_for_signature(monkeypatch):
         return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()
                 if p.kind is not inspect.Parameter.KEYWORD_ONLY]
 
-    for name, fn in kernels.FUSED.items():
+    for name, fn in {**kernels.FUSED, **fused_attention.FUSED}.items():
         assert getattr(table, name) is fn
         assert called_with(fn) == called_with(getattr(ops, name)), name
     assert table.embedding_forward is ops.embedding_forward  # (no kernel: a gather)

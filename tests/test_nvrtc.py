@@ -45,7 +45,7 @@ from pathlib import Path
 
 import pytest
 
-from npgpt import fused_optim, kernels
+from npgpt import fused_attention, fused_optim, kernels
 
 # CUDA major version -> (wheel, folder under the `nvidia` namespace package, library)
 NVRTC_WHEELS = {"12": ("nvidia-cuda-nvrtc-cu12", "cuda_nvrtc", "libnvrtc.so.12"),
@@ -144,10 +144,11 @@ def cupy_options(options, cc):
 
 
 def launched_kernels():
-    """The kernel names kernels.py and fused_optim.py launch: each _rows/_flat/_columns/
-    _warp call's first argument, in each version kernels.SUFFIX names (float32, float16)
-    unless it is FLOAT32_ONLY."""
-    trees = [ast.parse(Path(module.__file__).read_text()) for module in (kernels, fused_optim)]
+    """The kernel names kernels.py, fused_attention.py and fused_optim.py launch: each
+    _rows/_flat/_columns/_warp call's first argument, in each version kernels.SUFFIX names
+    (float32, float16) unless it is FLOAT32_ONLY."""
+    trees = [ast.parse(Path(module.__file__).read_text())
+             for module in (kernels, fused_attention, fused_optim)]
     names = {node.args[0].value for tree in trees for node in ast.walk(tree)
              if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
              and node.func.id in ("_rows", "_flat", "_columns", "_warp") and node.args
