@@ -206,7 +206,7 @@ def attention_forward(qkv, n_head, att_mask=None):
     ops.attention_forward computes only the scores at or below the diagonal, in tiles
     of query rows (npgpt/attention.py), scales q rather than the scores, writes every
     result into reused buffers, does the softmax as a replaceable in-place step
-    (kernels.py fuses it into one GPU kernel) and writes y straight into its (B,T,C)
+    (fused_attention.py has it in one GPU kernel) and writes y straight into its (B,T,C)
     layout."""
     T = qkv.shape[1]
     q, k, v = (_heads(x, n_head) for x in np.split(qkv, 3, axis=-1))  # 3 x (B,nh,T,hs)
