@@ -6,14 +6,15 @@ on an H200: float16 at 11 TFLOP/s, a tenth of PyTorch's bmm). npgpt's matmul han
 stacks to cublasGemmStridedBatchedEx itself. This times, for the attention products of a
 config: npgpt float32, npgpt float32 with TF32, npgpt float16, CuPy's float32 and float16
 batched matmul, and PyTorch's float16 bmm on the same GPU as the reference. One line per
-product; then the fused attention's forward + backward in float32, its products over
-whole (T,T) rows against query tiles (fused_attention.GPU_TILE rows, plain float32's default: the
-blocks above the diagonal skipped).
+product; then the fused attention's forward + backward, its products over whole (T,T)
+rows against query tiles (fused_attention.GPU_TILE rows: the blocks above the diagonal
+skipped, plain float32's default), in float32, TF32 and float16.
 
     python benchmarks/gpu_products.py                    # lecture: B 64, nh 6, T 256, hs 64
     python benchmarks/gpu_products.py --device cpu       # dry run with NumPy, tiny shapes
 """
 import argparse
+import contextlib
 import os
 import time
 
@@ -63,15 +64,8 @@ def main():
         out16 = xp.empty((sa[0], sa[1], sb[2]), dtype=xp.float16)
 
         def tf32():
-            before = os.environ.get("CUPY_TF32")
-            os.environ["CUPY_TF32"] = "1"  # read by npgpt's batched products at each call
-            try:
+            with tf32_env(True):
                 return ops.matmul(a32, b32)
-            finally:
-                if before is None:
-                    del os.environ["CUPY_TF32"]
-                else:
-                    os.environ["CUPY_TF32"] = before
 
         ms = {"npgpt float32": timed(lambda: ops.matmul(a32, b32), sync, args.repeats),
               "npgpt TF32": timed(tf32, sync, args.repeats),
@@ -94,26 +88,45 @@ def main():
         attention_tiles(xp, sync, (B, nh, T, hs), args.repeats)
 
 
+@contextlib.contextmanager
+def tf32_env(on):
+    """CUPY_TF32 set (on) or unset in the block: npgpt's products read it at each call."""
+    before = os.environ.pop("CUPY_TF32", None)
+    if on:
+        os.environ["CUPY_TF32"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop("CUPY_TF32", None)
+        if before is not None:
+            os.environ["CUPY_TF32"] = before
+
+
 def attention_tiles(xp, sync, shape, repeats):
-    """One line: the fused float32 attention (forward + backward) on whole rows and in
-    query tiles of fused_attention.GPU_TILE rows, timed in turn."""
+    """One line: the fused attention (forward + backward) on whole rows against query
+    tiles of fused_attention.GPU_TILE rows, timed in turn, in float32, TF32 and float16
+    (the model uses tiles in plain float32 only: this says whether the others should)."""
     B, nh, T, hs = shape
     rng = np.random.default_rng(1)
-    qkv = xp.asarray(rng.standard_normal((B, T, 3 * nh * hs)), dtype=xp.float32)
-    dy = xp.asarray(rng.standard_normal((B, T, nh * hs)), dtype=xp.float32)
-    ms = {}
-    tiles = [("whole rows", None), (f"tiles of {fused_attention.GPU_TILE}", fused_attention.GPU_TILE)]
-    for label, tile in tiles:
-        fws, bws = Workspace(), Workspace()
+    qkv = rng.standard_normal((B, T, 3 * nh * hs))
+    dy = rng.standard_normal((B, T, nh * hs))
+    parts = []
+    for name, dtype, on in [("float32", xp.float32, False), ("TF32", xp.float32, True),
+                            ("float16", xp.float16, False)]:
+        q, d = xp.asarray(qkv, dtype=dtype), xp.asarray(dy, dtype=dtype)
+        ms = []
+        for tile in (None, fused_attention.GPU_TILE):
+            fws, bws = Workspace(), Workspace()
 
-        def step():
-            _, cache = fused_attention.attention_forward(qkv, nh, None, fws, tile=tile)
-            fused_attention.attention_backward(dy, cache, bws, tile=tile)
+            def step():
+                _, cache = fused_attention.attention_forward(q, nh, None, fws, tile=tile)
+                fused_attention.attention_backward(d, cache, bws, tile=tile)
 
-        ms[label] = timed(step, sync, repeats)
-    (a, ta), (b, tb) = ms.items()
-    print(f"fused attention float32, forward + backward, (B, nh, T, hs) = {shape}: "
-          f"{a} {ta:.3f} ms, {b} {tb:.3f} ms: {ta / tb:.2f}x")
+            with tf32_env(on):
+                ms.append(timed(step, sync, repeats))
+        parts.append(f"{name} {ms[0]:.3f} / {ms[1]:.3f} ms ({ms[0] / ms[1]:.2f}x)")
+    print(f"fused attention, forward + backward, (B, nh, T, hs) = {shape}, whole rows / "
+          f"tiles of {fused_attention.GPU_TILE} rows: " + ", ".join(parts))
 
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@ may skip the blocks above the diagonal: in query tiles (as attention.py's on the
 each tile's products reach the keys up to its last query only, and the blocks never
 computed are never read. Plain float32 uses tiles: its step waits for the GPU (H200: 32.9
 ms of kernels in a 34.6 ms step, about 2 ms of them attention's masked half). TF32 and
-float16 keep one tile of whole rows: their steps wait for the host, and each tile adds
-six launches per layer. Not yet timed on a GPU (gpu_products.py prints whole rows
-against tiles; gpu_check.sh's float32 step will say); GPU_TILE = None: whole rows.
+float16 keep one tile of whole rows: their products take a fraction of the time on
+tensor cores, and each tile adds six launches per layer to steps that waited for the
+host until recently. Not yet timed on a GPU: gpu_products.py prints whole rows against
+tiles in all three (gpu_check.sh's step 2e); GPU_TILE = None gives whole rows.
 """
 import math
 
