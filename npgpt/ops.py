@@ -202,7 +202,9 @@ def layernorm_forward(x, w, b, eps=1e-5, ws=FRESH):
         xp.multiply(xhat_b, xhat_b, out=sq, dtype=acc)
         var = row_sums(sq, ws, "var")
         var *= inv_c                                        # biased variance, as PyTorch
-        rstd_b[...] = 1.0 / (var + eps) ** 0.5
+        var += eps
+        xp.sqrt(var, out=var)
+        xp.divide(1.0, var, out=rstd_b)                     # rstd = 1 / sqrt(var + eps)
         xhat_b *= rstd_b
         xp.multiply(xhat_b, w, out=out_b)
         out_b += b
