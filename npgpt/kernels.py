@@ -13,9 +13,9 @@ its arrays are float16 (the math in float, each result rounded to float16 once, 
 statistics and column sums float32 as ops.sum_dtype says).
 
 Status: every kernel passed its tests on an NVIDIA H200 (benchmarks/RESULTS.md, the third
-run; column_sums_split, LayerNorm's gradients added into the layer's, came later), and runs in tests/emulated_cuda.py's emulator (g++ on the CPU) on every machine.
-They are the GPU's default; NPGPT_FUSED=0 turns them off (the plain CuPy array code of
-ops.py).
+run; column_sums_split, which adds LayerNorm's gradients into the layer's, came later),
+and runs in tests/emulated_cuda.py's emulator (g++ on the CPU) on every machine. They are
+the GPU's default; NPGPT_FUSED=0 turns them off (the plain CuPy array code of ops.py).
 
 The kernels are compiled by `xp.RawModule` of the arrays' own module (CuPy, or the test
 suite's stand-in), once per module. Arguments go to a kernel as raw bytes, so every

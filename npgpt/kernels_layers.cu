@@ -160,8 +160,8 @@ extern "C" __global__ void layernorm_backward_f16(
 // than the memory allows: one column per block, strided reads.) The sums are float for
 // float16 rows too: only the first level reads half_t. add = 1 (the last level, one row):
 //   part[0, c] = part[0, c] + (that sum)       (a gradient added into, as `grad += sum`)
-// The last level may write two arrays: columns c < split to part, the others to part2 at
-// c - split (LayerNorm's db and dw, each added into its own gradient); split = C: part only.
+// The last level may write two arrays: columns c < split to part, the others to part2
+// at c - split (LayerNorm's db and dw, each added into its own gradient); split = C: part.
 
 // thread i's share of a level: chunk s, column c, the chunk's rows begin .. end - 1
 // (the last chunk may be short); a level has ceil(N / R) * C of them

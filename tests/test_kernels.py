@@ -82,7 +82,8 @@ def test_layernorm(xp, shape):
     grads = [rng.standard_normal(C) for _ in "wb"]
     into = tuple(f32(xp, g) for g in grads)
     got = kernels.layernorm_backward(dout, cache, into=into)
-    want = ops.layernorm_backward(as64(dout), ref_cache, into=tuple(g.copy() for g in grads))
+    want = ops.layernorm_backward(as64(dout), ref_cache,
+                                  into=tuple(g.copy() for g in grads))
     assert got[1] is into[0] and got[2] is into[1]
     for g, w_ in zip(got[1:], want[1:]):
         assert_matches(g, w_)
@@ -220,12 +221,14 @@ def test_attention(xp, dropout, tile):
         mask = (rng.random((B, nh, T, T)) >= 0.2) / 0.8
     dev_mask = None if mask is None else f32(xp, mask)
     # the blocks above the diagonal that the tiles' products skip hold NaN: never read
-    fwd = poisoned(xp, lambda w: fused_attention.attention_forward(qkv, nh, dev_mask, w, tile=tile))
-    y, cache = fused_attention.attention_forward(qkv, nh, dev_mask, fwd, tile=tile)
+    forward, backward = (fused_attention.attention_forward,
+                         fused_attention.attention_backward)
+    fwd = poisoned(xp, lambda w: forward(qkv, nh, dev_mask, w, tile=tile))
+    y, cache = forward(qkv, nh, dev_mask, fwd, tile=tile)
     ref, ref_cache = ops.attention_forward(as64(qkv), nh, mask)
     assert_matches(y, ref)
-    bwd = poisoned(xp, lambda w: fused_attention.attention_backward(dy, cache, w, tile=tile))
-    (dqkv,) = fused_attention.attention_backward(dy, cache, bwd, tile=tile)
+    bwd = poisoned(xp, lambda w: backward(dy, cache, w, tile=tile))
+    (dqkv,) = backward(dy, cache, bwd, tile=tile)
     (ref_dqkv,) = ops.attention_backward(as64(dy), ref_cache)
     assert_matches(dqkv, ref_dqkv)
 
