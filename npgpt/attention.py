@@ -93,8 +93,7 @@ def causal_softmax_backward(ds, att, rowdot, att_mask):
     return ds
 
 
-def attention_forward(qkv, n_head, att_mask=None, ws=FRESH, *, softmax=causal_softmax,
-                      tile=TILE):
+def attention_forward(qkv, n_head, att_mask=None, ws=FRESH, *, tile=TILE):
     """Scaled dot-product causal self-attention over all (batch, head) pairs at once.
 
     qkv (B,T,3C) is the fused projection [q | k | v]; returns y (B,T,C).
@@ -106,8 +105,8 @@ def attention_forward(qkv, n_head, att_mask=None, ws=FRESH, *, softmax=causal_so
         att[first:end, :end] = softmax(qs[first:end] k[:end]^T + causal)
         y[first:end]         = (att * att_mask)[first:end, :end] v[:end]
     (the weights att[first:end, end:] of future keys are 0 and never computed).
-    softmax: the in-place step scores -> weights (fused_attention.py has its own attention,
-    whose products also run in tiles). Textbook version: reference.attention_forward.
+    fused_attention.py is the GPU's version (its softmax in one kernel, its products in
+    tiles too). Textbook version: reference.attention_forward.
     """
     xp = get_xp(qkv)
     B, T, C3 = qkv.shape
@@ -132,7 +131,7 @@ def attention_forward(qkv, n_head, att_mask=None, ws=FRESH, *, softmax=causal_so
         for (first, end), att_tile, used_tile in zip(bounds, tiles, used):
             att = matmul(qs[b, :, first:end], k[b, :, :end].transpose(0, 1, 3, 2),
                          out=att_tile[b])             # (b,nh,R,K) scores
-            softmax(att, ws, first)                   # scores -> causal softmax weights
+            causal_softmax(att, ws, first)            # scores -> causal softmax weights
             a = att if att_mask is None else xp.multiply(
                 att, att_mask[b, :, first:end, :end], out=used_tile[b])
             # (b,nh,R,K) @ (b,nh,K,hs) written straight into y's (B,T,nh,hs) layout
@@ -140,7 +139,7 @@ def attention_forward(qkv, n_head, att_mask=None, ws=FRESH, *, softmax=causal_so
     return y, AttentionCache(qs, k, v, tiles, used, att_mask, scale, y)
 
 
-def attention_backward(dy, cache, ws=FRESH, *, softmax_backward=causal_softmax_backward):
+def attention_backward(dy, cache, ws=FRESH):
     """forward (per batch and head):
         s   = qs k^T + causal             (1)  (qs = q * scale)
         att = softmax(s)  row-wise        (2)
@@ -156,7 +155,7 @@ def attention_backward(dy, cache, ws=FRESH, *, softmax_backward=causal_softmax_b
     on the forward's tiles: the tile of queries first..end-1 gives dq[first:end] whole
     and adds its share to dv[:end] and dk[:end] (every key j < end is seen by some of its
     queries); the last tile, whose keys are all T, writes dv and dk first.
-    Returns dqkv (B,T,3C). softmax_backward: steps (3) and (2), in place on a tile.
+    Returns dqkv (B,T,3C); causal_softmax_backward does steps (3) and (2) of a tile.
     Textbook version: reference.attention_backward.
     """
     qs, k, v, tiles, used, att_mask, scale, y = cache
@@ -181,8 +180,8 @@ def attention_backward(dy, cache, ws=FRESH, *, softmax_backward=causal_softmax_b
                 dv[b, :, :K] += to_dv
             ds = matmul(dy_t, v[b, :, :K].transpose(0, 1, 3, 2),
                         out=ws("tmp", att.shape, dy))                # (4) da, (b,nh,R,K)
-            softmax_backward(ds, att, rowdot[b, :, first:K],
-                             None if att_mask is None else att_mask[b, :, first:K, :K])
+            mask = None if att_mask is None else att_mask[b, :, first:K, :K]
+            causal_softmax_backward(ds, att, rowdot[b, :, first:K], mask)  # (3), (2)
             matmul(ds, k[b, :, :K], out=dq[b, :, first:K])      # (1) dq = ds k * scale
             matmul(ds.transpose(0, 1, 3, 2), qs[b, :, first:K], out=to_dk)  # dk = ds^T qs
             if K < T:

@@ -1,10 +1,10 @@
 """Textbook versions of the ops in ops.py: the same math, written as it is derived.
 
 ops.py is written for speed (results written into reused buffers, row sums as BLAS
-products, rewritten derivatives, attention split into separately replaceable softmax
-steps), which hides the formula under each docstring. Here every op is the formula
-itself, in plain NumPy: same function names, same arguments (minus the Workspace `ws`
-and attention's `softmax=` / `softmax_backward=` hooks), same results in the same order.
+products, rewritten derivatives, attention in tiles of query rows), which hides the
+formula under each docstring. Here every op is the formula itself, in plain NumPy: same
+function names, same arguments (minus the Workspace `ws` and attention's `tile=`), same
+results in the same order.
 Only the caches differ: each backward here pairs with the forward here, not with ops'.
 tests/test_reference.py checks every pair by central differences and against ops.py.
 
@@ -205,9 +205,8 @@ def attention_forward(qkv, n_head, att_mask=None):
 
     ops.attention_forward computes only the scores at or below the diagonal, in tiles
     of query rows (npgpt/attention.py), scales q rather than the scores, writes every
-    result into reused buffers, does the softmax as a replaceable in-place step
-    (fused_attention.py has it in one GPU kernel) and writes y straight into its (B,T,C)
-    layout."""
+    result into reused buffers, does the softmax in place (one GPU kernel in
+    fused_attention.py) and writes y straight into its (B,T,C) layout."""
     T = qkv.shape[1]
     q, k, v = (_heads(x, n_head) for x in np.split(qkv, 3, axis=-1))  # 3 x (B,nh,T,hs)
     hs = q.shape[-1]
@@ -230,8 +229,8 @@ def attention_backward(dy, cache):
 
     ops.attention_backward takes the row sums sum_j datt_ij att_ij from the identity
     sum_j da_ij a_ij = dy_i . y_i (a pass over (B,T,C) rather than (B,nh,T,T)), does
-    the mask and softmax lines as one replaceable in-place step (fused on a GPU), and
-    writes dq, dk, dv straight into their places in dqkv."""
+    the mask and softmax lines as one in-place step (one kernel on a GPU), and writes
+    dq, dk, dv straight into their places in dqkv."""
     q, k, v, att, a, att_mask = cache
     hs = q.shape[-1]
     dy = _heads(dy, q.shape[1])                               # (B,nh,T,hs)
