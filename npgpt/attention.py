@@ -16,6 +16,8 @@ import functools
 import math
 from collections import namedtuple
 
+import numpy as np
+
 from .arrays import FRESH, blocks, matmul, row_sums, sum_dtype
 from .backend import get_xp
 
@@ -67,14 +69,36 @@ def query_tiles(T, tile):
     return [(first, min(first + step, T)) for first in range(0, T, step)]
 
 
-def causal_softmax(att, ws=FRESH, first=0):
+def causal_softmax(att, ws=FRESH, first=0, rescore=None):
     """att (B,nh,R,K): the scores of the R queries at positions first..first+R-1 against
     keys 0..K-1 (K = first + R) -> their causal softmax weights, in place (step (2)
     below). Keys first..K-1 are the diagonal block, where the future is masked; whole
     rows: first = 0, R = K = T. fused_attention.py fuses the four passes into one (whole
-    rows)."""
+    rows).
+    A row's softmax does not change when all its scores move by the same c:
+        softmax(s) = exp(s - c) / sum_j exp(s_j - c)
+    The textbook c is the row max, so that exp cannot overflow. On the CPU, given
+    `rescore` (it writes the tile's scores into att again), c = 0 is tried first: that
+    saves the row max and its subtraction, which cost as much as the exp on rows of
+    64-256 keys. It is kept when every row sum is finite and at least tiny / eps (the
+    smallest normal number over the machine epsilon: then the exps too small to be
+    normal, which have lost bits, hold less than eps of their row). Otherwise (scores
+    past about 88 in float32, 11 in float16, or a row of very negative ones) the scores
+    are computed again and the row max subtracted. Both ways, the same inputs give the
+    same bits.
+    """
     xp, R = get_xp(att), att.shape[-2]
     att[..., first:] += causal_mask_bias(R, att.dtype, xp)  # -inf above the diagonal
+    if rescore is not None and xp is np:
+        with np.errstate(over="ignore", under="ignore"):  # (checked below)
+            xp.exp(att, out=att)                            # exp(s), c = 0
+        sums = row_sums(att, ws, "rowsum")
+        info = np.finfo(att.dtype)
+        if sums.min() >= info.tiny / info.eps and sums.max() < np.inf:  # (NaN: False)
+            att *= 1.0 / sums
+            return att
+        rescore()                                           # the scores again, and
+        att[..., first:] += causal_mask_bias(R, att.dtype, xp)  # the textbook way below
     att -= xp.max(att, axis=-1, keepdims=True, out=ws("rowmax", att.shape[:-1] + (1,), att))
     xp.exp(att, out=att)                          # stable softmax: every row's max is 0, and
     att *= 1.0 / row_sums(att, ws, "rowsum")      # exp(-inf) = 0: masked weights are exactly 0
@@ -129,9 +153,9 @@ def attention_forward(qkv, n_head, att_mask=None, ws=FRESH, *, tile=TILE):
     # batch rows whose keys, values and tiles stay in cache from one tile to the next
     for b in blocks(B, size // B, qkv):
         for (first, end), att_tile, used_tile in zip(bounds, tiles, used):
-            att = matmul(qs[b, :, first:end], k[b, :, :end].transpose(0, 1, 3, 2),
-                         out=att_tile[b])             # (b,nh,R,K) scores
-            causal_softmax(att, ws, first)            # scores -> causal softmax weights
+            scores = functools.partial(matmul, qs[b, :, first:end],  # (b,nh,R,K) scores
+                                       k[b, :, :end].transpose(0, 1, 3, 2), out=att_tile[b])
+            att = causal_softmax(scores(), ws, first, rescore=scores)  # -> softmax weights
             a = att if att_mask is None else xp.multiply(
                 att, att_mask[b, :, first:end, :end], out=used_tile[b])
             # (b,nh,R,K) @ (b,nh,K,hs) written straight into y's (B,T,nh,hs) layout

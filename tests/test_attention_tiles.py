@@ -70,6 +70,42 @@ def test_the_future_is_zero_and_gets_exactly_zero_gradient():
     assert np.all(dqkv[:, 1:, C:] == 0.0)
 
 
+# scores past which exp overflows (or below which a row's exps are no longer normal)
+BEYOND_EXP = {np.float16: 15.0, np.float32: 100.0, np.float64: 800.0}
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("rows", ["moderate", "overflow", "underflow"])
+def test_softmax_without_the_row_max_falls_back_to_it_when_exp_overflows(dtype, rows):
+    """causal_softmax first skips the row max (c = 0): its result is the textbook one, and
+    scores whose exp overflows, or whose row's exps all underflow, are computed again
+    and the row max subtracted."""
+    R, first = 6, 4  # queries 4..9 against keys 0..9: the diagonal block is keys 4..9
+    s = rng.standard_normal((2, 3, R, first + R)) * 3.0
+    if rows != "moderate":  # one row of the second head goes past exp's range
+        s[1, 2, 3] += BEYOND_EXP[dtype] * (1 if rows == "overflow" else -1)
+    s = s.astype(dtype)
+    att, calls = s.copy(), []
+
+    def rescore():
+        calls.append(1)
+        att[...] = s
+        return att
+
+    assert attention.causal_softmax(att, first=first, rescore=rescore) is att
+    assert att.dtype == dtype and calls == ([] if rows == "moderate" else [1])
+    future = np.triu(np.ones((R, R), dtype=bool), k=1)
+    want = s.astype(np.float64)
+    want[..., first:][..., future] = -np.inf
+    want = np.exp(want - want.max(-1, keepdims=True))
+    want /= want.sum(-1, keepdims=True)
+    assert np.all(att[..., first:][..., future] == 0)
+    np.testing.assert_allclose(att, want, rtol=0, atol=4 * np.finfo(dtype).eps)
+    if rows == "moderate":  # the same numbers as the textbook order, to rounding
+        textbook = attention.causal_softmax(s.copy(), first=first)
+        np.testing.assert_allclose(att, textbook, rtol=0, atol=4 * np.finfo(dtype).eps)
+
+
 @pytest.mark.parametrize("reuse", [False, True])
 def test_the_same_inputs_give_the_same_bits(reuse):
     B, T, nh, hs = 3, 100, 2, 16
