@@ -18,7 +18,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from .arrays import FRESH, blocks, matmul, row_sums, sum_dtype
+from .arrays import FRESH, blocks, matmul, row_sums
 from .backend import get_xp
 
 # Query rows per tile. Chosen by measurement on a 2-core AMD EPYC (OpenBLAS, one thread,
@@ -229,12 +229,11 @@ def attention_with_cache(qkv, n_head, k_cache, v_cache, pos):
     q, k, v = _split_heads(qkv, n_head)  # (B,nh,Tn,hs)
     k_cache[:, :, pos:end] = k
     v_cache[:, :, pos:end] = v
-    att = matmul(q, k_cache[:, :, :end].transpose(0, 1, 3, 2))  # (B,nh,Tn,end)
-    att *= 1.0 / math.sqrt(q.shape[-1])
-    if Tn > 1:  # new row i sees every older key and the new keys pos .. pos + i
-        att[..., pos:end] += causal_mask_bias(Tn, att.dtype, xp)  # (one new row sees all)
-    att -= att.max(axis=-1, keepdims=True)
-    xp.exp(att, out=att)
-    att /= att.sum(axis=-1, keepdims=True, dtype=sum_dtype(att.dtype))  # (float16: float32)
+    qs = q * (1.0 / math.sqrt(q.shape[-1]))  # (scaling q: end/hs times cheaper than att)
+    att = xp.empty((B, n_head, Tn, end), dtype=qkv.dtype)
+    scores = functools.partial(matmul, qs, k_cache[:, :, :end].transpose(0, 1, 3, 2),
+                               out=att)                    # (B,nh,Tn,end)
+    # new row i sees every older key and the new keys pos .. pos + i (the diagonal block)
+    causal_softmax(scores(), first=pos, rescore=scores)
     y = matmul(att, v_cache[:, :, :end])          # (B,nh,Tn,hs)
     return y.transpose(0, 2, 1, 3).reshape(B, Tn, C3 // 3)  # (B,nh,Tn,hs) -> (B,Tn,C)
