@@ -339,7 +339,7 @@ def dropout_backward(dout, mask):
 def dropout_mask(shape, p, rng, dtype):
     """A keep-mask for inverted dropout: 1/(1-p) with probability 1-p, else 0."""
     keep = rng.random(shape, dtype=np.promote_types(dtype, np.float32)) >= p  # (no float16 draws)
-    return keep.astype(dtype) * (1.0 / (1.0 - p))
+    return np.multiply(keep, 1.0 / (1.0 - p), dtype=dtype)  # (one pass: True -> 1/(1-p))
 
 
 # ----------------------------------------------------------------------------
