@@ -102,7 +102,9 @@ def causal_softmax(att, ws=FRESH, first=0, rescore=None):
     same bits.
     """
     xp, R = get_xp(att), att.shape[-2]
-    att[..., first:] += causal_mask_bias(R, att.dtype, xp)  # -inf above the diagonal
+    mask = causal_mask_bias(R, att.dtype, xp) if R > 1 else None  # (one row: no future)
+    if mask is not None:
+        att[..., first:] += mask                            # -inf above the diagonal
     if rescore is not None and xp is np:
         with np.errstate(over="ignore", under="ignore"):  # (checked below)
             xp.exp(att, out=att)                            # exp(s), c = 0
@@ -112,7 +114,8 @@ def causal_softmax(att, ws=FRESH, first=0, rescore=None):
             att *= 1.0 / sums
             return att
         rescore()                                           # the scores again, and
-        att[..., first:] += causal_mask_bias(R, att.dtype, xp)  # the textbook way below
+        if mask is not None:                                # the textbook way below
+            att[..., first:] += mask
     att -= xp.max(att, axis=-1, keepdims=True, out=ws("rowmax", att.shape[:-1] + (1,), att))
     xp.exp(att, out=att)                          # stable softmax: every row's max is 0, and
     att *= 1.0 / row_sums(att, ws, "rowsum")      # exp(-inf) = 0: masked weights are exactly 0
