@@ -16,28 +16,30 @@ unchanged on NumPy or CuPy. Scalars are Python floats: under NumPy 2's promotion
 looked at the scalar's value instead). Most ops take an optional Workspace `ws` (arrays.py)
 saying where their results go: the layers pass one so that a training step reuses the
 previous step's memory; without one every result is a new array (same arithmetic).
-The attention ops live in attention.py (imported here, so ops.attention_forward works).
+The attention ops live in attention.py and the linear ones in linear.py (imported here,
+so ops.attention_forward and ops.linear_forward work).
 """
 import math
-import operator
 from collections import namedtuple
 
 import numpy as np
 
-from .arrays import (FRESH, column_sums, matmul, matmul_add, row_blocks, row_sums,
-                     sum_dtype)
+from .arrays import (FRESH, column_sums, matmul, row_blocks, row_sums,  # noqa: F401
+                     sum_dtype)  # (ops.matmul: the float16 products of notebook 05)
 # causal attention (training's tiled pair and sampling's cached forward) lives in
 # attention.py; ops.attention_forward etc. are the same functions
 from .attention import (AttentionCache, attention_backward, attention_forward,  # noqa: F401
                         attention_with_cache, causal_mask_bias, causal_softmax,
                         causal_softmax_backward)
 from .backend import get_xp
+# the linear layers and the tied head live in linear.py; ops.linear_forward etc. are the
+# same functions
+from .linear import (HeadCache, LinearCache, head_backward, head_forward,  # noqa: F401
+                     linear_backward, linear_forward)
 
 
 # what each forward keeps for its backward, by name (a learner can read cache.xhat)
 EmbeddingCache = namedtuple("EmbeddingCache", "idx wte_shape wpe_shape")
-LinearCache = namedtuple("LinearCache", "x w")
-HeadCache = namedtuple("HeadCache", "x wte")
 LayerNormCache = namedtuple("LayerNormCache", "xhat rstd w")
 GeluCache = namedtuple("GeluCache", "x out")
 CrossEntropyCache = namedtuple("CrossEntropyCache", "probs t_safe valid count shape")
@@ -110,75 +112,6 @@ def _token_sums_in_fixed_order(idx, dout, dwte):
     last = xp.searchsorted(ids, vocab, side="right") - 1  # (V,) last row with id <= v
     present = (last >= 0) & (ids[last] == vocab)
     dwte[...] = xp.where(present[:, None], s[last], 0.0)
-
-
-# ----------------------------------------------------------------------------
-# linear
-
-
-def linear_forward(x, w, b, ws=FRESH, *, into=None, add_bias=operator.iadd):
-    """out = x @ w + b.   x (..., Cin), w (Cin, Cout), b (Cout,) -> (..., Cout).
-    into: None (out is a new array), or an array of out's shape that x @ w + b is added to
-    in place and which is returned (a block's residual stream: on a GPU the product adds
-    itself in, with no pass of its own).
-    add_bias(out, b): out += b in place (kernels.py passes its fused one).
-    Textbook version: reference.linear_forward."""
-    x2 = x.reshape(-1, x.shape[-1])  # (N, Cin): one matrix product for all positions
-    if into is None:
-        out = matmul(x2, w, out=ws("out", (x2.shape[0], w.shape[1]), x))
-        add_bias(out, b)
-        return out.reshape(*x.shape[:-1], w.shape[1]), LinearCache(x, w)  # (..., Cout)
-    into2 = into.reshape(x2.shape[0], w.shape[1])  # (N, Cout), a view of `into`
-    matmul_add(x2, w, into2, ws, "out")             # into += x @ w
-    add_bias(into2, b)                              #      + b
-    return into, LinearCache(x, w)
-
-
-def linear_backward(dout, cache, ws=FRESH, *, into=None, column_sums=column_sums):
-    """forward: out = x @ w + b
-    dx = dout @ w.T          (each x[n, i] meets w[i, :] in every output of row n)
-    dw = x.T @ dout          (summed over all positions n)
-    db = sum_n dout[n]       (b is broadcast over positions)
-    into: None (dw and db are new arrays), or a layer's (dw, db) gradient arrays, which
-    these are added to (+=) and which are returned (on a GPU the product and the column
-    sums add in place themselves: no separate pass of additions).
-    column_sums: kernels.py passes its fused one. Textbook version: reference.linear_backward.
-    """
-    x, w = cache
-    dout2 = dout.reshape(-1, dout.shape[-1])  # (N, Cout)
-    x2 = x.reshape(-1, x.shape[-1])           # (N, Cin)
-    dx = matmul(dout2, w.T, out=ws("dx", x2.shape, dout)).reshape(x.shape)  # (..., Cin)
-    if into is None:
-        return dx, matmul(x2.T, dout2, out=ws("dw", w.shape, dout)), column_sums(dout2)
-    dw, db = into
-    matmul_add(x2.T, dout2, dw, ws, "dw")    # dw += x.T @ dout
-    column_sums(dout2, db, add=True)         # db += sum_n dout[n]
-    return dx, dw, db
-
-
-# ----------------------------------------------------------------------------
-# output head tied to the token embedding
-
-
-def head_forward(x, wte):
-    """logits = x @ wte.T.   x (..., C), wte (V, C) -> (..., V), always a new array.
-    Textbook version: reference.head_forward."""
-    x2 = x.reshape(-1, x.shape[-1])  # (N, C)
-    return matmul(x2, wte.T).reshape(*x.shape[:-1], wte.shape[0]), HeadCache(x, wte)  # (..., V)
-
-
-def head_backward(dout, cache, ws=FRESH):
-    """forward: logits = x @ wte.T
-    dx   = dlogits @ wte
-    dwte = dlogits.T @ x     (added by the layer into the embedding's gradient)
-    Textbook version: reference.head_backward.
-    """
-    x, wte = cache
-    dout2 = dout.reshape(-1, dout.shape[-1])  # (N, V)
-    x2 = x.reshape(-1, x.shape[-1])           # (N, C)
-    dx = matmul(dout2, wte, out=ws("dx", x2.shape, dout)).reshape(x.shape)  # (..., C)
-    dwte = matmul(dout2.T, x2, out=ws("dwte", wte.shape, dout))
-    return dx, dwte
 
 
 # ----------------------------------------------------------------------------
