@@ -85,6 +85,17 @@ def test_dropout_with_fixed_mask():
     assert_close(errors)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_dropout_mask_is_the_keep_draw_scaled(dtype):
+    """A seed draws the masks it always drew: kept where a uniform number (float32 at
+    least) is >= p, 1/(1-p) there and 0 elsewhere, in the model's dtype."""
+    p, shape = 0.37, (4, 50, 50)
+    mask = ops.dropout_mask(shape, p, np.random.default_rng(5), dtype)
+    draw = np.random.default_rng(5).random(shape, dtype=np.promote_types(dtype, np.float32))
+    assert mask.dtype == dtype
+    np.testing.assert_array_equal(mask, np.where(draw >= p, dtype(1.0 / (1.0 - p)), dtype(0)))
+
+
 @pytest.mark.parametrize("B,T,nh,hs", [(2, 5, 3, 4), (3, 7, 2, 3), (1, 1, 1, 5)])
 def test_attention(B, T, nh, hs):
     qkv = randn(B, T, 3 * nh * hs)
