@@ -287,8 +287,9 @@ def attention_with_cache(qkv, n_head, k_cache, v_cache, pos):
     positions < pos and receive the new ones. Returns y (B,Tn,C): attention_forward's
     rows pos .. pos+Tn-1 (without dropout).
 
-    ops.attention_with_cache adds the causal -inf bias to the new keys' columns only
-    and normalises the weights in place."""
+    ops.attention_with_cache scales q rather than the scores, adds the causal -inf bias
+    to the new keys' columns only, and shares attention_forward's in-place softmax
+    (causal_softmax: on the CPU, without the row max when exp cannot overflow)."""
     Tn = qkv.shape[1]
     end = pos + Tn
     q, k, v = (_heads(x, n_head) for x in np.split(qkv, 3, axis=-1))  # 3 x (B,nh,Tn,hs)
