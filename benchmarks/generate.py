@@ -5,6 +5,8 @@
     python benchmarks/generate.py --gpt2     # GPT-2 124M shape: npgpt vs transformers
     python benchmarks/generate.py --decode   # GPT-2 124M: decoding against its products,
                                              # sampling's cost, 8 samples in one pass
+    python benchmarks/generate.py --bound --repeats 12   # GPT-2 124M greedy: the model,
+                                             # a flat NumPy step and the products alone
 
 Default mode: the lecture model (6 layers, 6 heads, 384 dims, context 256, vocab 65;
 random weights), batch 1, sampling at temperature 1. For each context c the prompt has
@@ -22,6 +24,7 @@ import time
 
 import common
 from common import np
+from flat_decode import FlatDecoder
 
 import npgpt.model
 from npgpt import GPT, GPTConfig
@@ -118,23 +121,30 @@ def gpt2_vs_transformers(n_prompt, n_new, repeats):
         print(f"   (at that position the two best logits differ by {top2[1] - top2[0]:.2e})")
 
 
+def token_products(model, rng):
+    """A function that runs one token's matrix products at batch 1, back to back: the 48
+    of GPT-2 124M's blocks (random inputs, the model's weights) and the tied head."""
+    P, C = model.params, model.config.n_embd
+    weights = [P[f"transformer.h.{i}.{n}.weight"] for i in range(model.config.n_layer)
+               for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    xs = [rng.standard_normal((1, w.shape[0]), dtype=np.float32) for w in weights]
+    outs = [np.empty((1, w.shape[1]), dtype=np.float32) for w in weights]
+    wte_t, x_head = P["transformer.wte.weight"].T, xs[0][:, :C]
+
+    def products():
+        for x, w, o in zip(xs, weights, outs):
+            np.matmul(x, w, out=o)
+        np.matmul(x_head, wte_t)
+    return products
+
+
 def decode_floor(n_prompt, n_new, repeats):
     """GPT-2 124M greedy decoding at batch 1 against its matrix products alone; sampling's
     cost against greedy at batch 1 and 8; N = 8 samples in one batched pass against one.
     No torch needed."""
     model = GPT(GPT2, seed=0, reuse_memory=True)  # as generate.py
-    P, rng = model.params, np.random.default_rng(0)
-    weights = [P[f"transformer.h.{i}.{n}.weight"] for i in range(GPT2.n_layer)
-               for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
-    xs = [rng.standard_normal((1, w.shape[0]), dtype=np.float32) for w in weights]
-    outs = [np.empty((1, w.shape[1]), dtype=np.float32) for w in weights]
-    wte_t, x_head = P["transformer.wte.weight"].T, xs[0][:, :GPT2.n_embd]
-
-    def products():  # one token's 48 products and the tied head, back to back
-        for x, w, o in zip(xs, weights, outs):
-            np.matmul(x, w, out=o)
-        np.matmul(x_head, wte_t)
-
+    rng = np.random.default_rng(0)
+    products = token_products(model, rng)
     big = rng.standard_normal((GPT2.vocab_size * 5 // 2, 1024), dtype=np.float32)  # ~515 MB
     v = rng.standard_normal(1024, dtype=np.float32)
     prompt = rng.integers(0, GPT2.vocab_size, (1, n_prompt))
@@ -196,6 +206,49 @@ def decode_floor(n_prompt, n_new, repeats):
           f"{best['sampled'] / best['sampled8'] * 8:.2f}x one sample's {1 / best['sampled']:.1f}")
 
 
+def decode_bound(n_prompt, n_new, rounds):
+    """GPT-2 124M greedy decoding at batch 1, three ways, each round in a shuffled order
+    (what runs just before a way changes its time: which caches and BLAS threads are
+    warm): the model's greedy loop, FlatDecoder's flat step (the fewest NumPy calls, on
+    the same weights) and the matrix products alone. Best and median of the rounds."""
+    model = GPT(GPT2, seed=0, reuse_memory=True)  # as generate.py
+    rng = np.random.default_rng(0)
+    products, flat = token_products(model, rng), FlatDecoder(model)
+    prompt = rng.integers(0, GPT2.vocab_size, (1, n_prompt))
+    tokens = {}
+
+    def model_greedy():
+        stream = model.generate_stream(prompt, n_new, temperature=0.0)
+        ids, _, rest = timed_stream(stream)
+        tokens["model"] = ids[0].tolist()
+        return rest / (n_new - 1)
+
+    def flat_greedy():
+        tokens["flat"], seconds = flat.greedy(prompt[0].tolist(), n_new)
+        return seconds
+
+    ways = {"model": model_greedy, "flat step": flat_greedy,
+            "products": lambda: loop_time(products, n_new - 1)}
+    times = {name: [] for name in ways}
+    order = np.random.default_rng(1)
+    for i in range(rounds + 1):  # the first round warms up
+        for name in order.permutation(list(ways)):
+            t = ways[name]()
+            if i:
+                times[name].append(t)
+    if tokens["flat"] != tokens["model"]:
+        raise SystemExit("generate.py --bound: the flat step chose other tokens than the "
+                         "model")
+    print(f"\n== GPT-2 124M shape, random weights: {n_prompt}-token prompt, {n_new} greedy "
+          f"tokens at batch 1; {rounds} rounds, each in a shuffled order (the same tokens "
+          "both ways)")
+    floor = {s: stat(times["products"]) for s, stat in (("best", min), ("median", np.median))}
+    for name, ts in times.items():
+        print(f"   {name:10s} best {1e3 * min(ts):6.2f} ms ({floor['best'] / min(ts):.3f} of "
+              f"the products' rate), median {1e3 * np.median(ts):6.2f} ms "
+              f"({floor['median'] / np.median(ts):.3f})")
+
+
 def loop_time(f, n):
     """Mean seconds of one call of f over n back-to-back calls (after one untimed call):
     the statistic a decoding loop's time per token is, over as many tokens."""
@@ -222,12 +275,15 @@ def main():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpt2", action="store_true")
     p.add_argument("--decode", action="store_true")
+    p.add_argument("--bound", action="store_true")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     limiter = common.begin(args.threads, with_torch=args.gpt2)  # noqa: F841
     if args.decode:
         decode_floor(32, 128, args.repeats)
+    elif args.bound:
+        decode_bound(32, 128, args.repeats)
     elif args.gpt2:
         gpt2_vs_transformers(32, 200, args.repeats)
     else:
