@@ -26,7 +26,7 @@ class FlatDecoder:
 
     def __init__(self, model):
         P, c, dt = model.params, model.config, model.dtype
-        self.C, self.nh, self.eps = c.n_embd, c.n_head, 1e-5
+        self.C, self.nh, self.eps = c.n_embd, c.n_head, model.ln_f.eps  # (1e-5)
         hs = c.n_embd // c.n_head
         self.blocks = [[P[f"transformer.h.{i}.{n}"] for n in NAMES]
                        for i in range(c.n_layer)]
