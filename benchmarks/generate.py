@@ -5,8 +5,8 @@
     python benchmarks/generate.py --gpt2     # GPT-2 124M shape: npgpt vs transformers
     python benchmarks/generate.py --decode   # GPT-2 124M: decoding against its products,
                                              # sampling's cost, 8 samples in one pass
-    python benchmarks/generate.py --bound --repeats 12   # GPT-2 124M greedy: the model,
-                                             # a flat NumPy step and the products alone
+    python benchmarks/generate.py --bound --repeats 12   # GPT-2 124M greedy against its
+                                             # products, in shuffled rounds (best, median)
 
 Default mode: the lecture model (6 layers, 6 heads, 384 dims, context 256, vocab 65;
 random weights), batch 1, sampling at temperature 1. For each context c the prompt has
@@ -24,7 +24,6 @@ import time
 
 import common
 from common import np
-from flat_decode import FlatDecoder
 
 import npgpt.model
 from npgpt import GPT, GPTConfig
@@ -207,28 +206,20 @@ def decode_floor(n_prompt, n_new, repeats):
 
 
 def decode_bound(n_prompt, n_new, rounds):
-    """GPT-2 124M greedy decoding at batch 1, three ways, each round in a shuffled order
-    (what runs just before a way changes its time: which caches and BLAS threads are
-    warm): the model's greedy loop, FlatDecoder's flat step (the fewest NumPy calls, on
-    the same weights) and the matrix products alone. Best and median of the rounds."""
+    """GPT-2 124M greedy decoding at batch 1 against its matrix products alone, each
+    round in a shuffled order (what runs just before a way changes its time: which
+    caches and BLAS threads are warm). Best and median of the rounds: the median is the
+    steadier figure on a noisy host."""
     model = GPT(GPT2, seed=0, reuse_memory=True)  # as generate.py
     rng = np.random.default_rng(0)
-    products, flat = token_products(model, rng), FlatDecoder(model)
+    products = token_products(model, rng)
     prompt = rng.integers(0, GPT2.vocab_size, (1, n_prompt))
-    tokens = {}
 
     def model_greedy():
         stream = model.generate_stream(prompt, n_new, temperature=0.0)
-        ids, _, rest = timed_stream(stream)
-        tokens["model"] = ids[0].tolist()
-        return rest / (n_new - 1)
+        return timed_stream(stream)[2] / (n_new - 1)
 
-    def flat_greedy():
-        tokens["flat"], seconds = flat.greedy(prompt[0].tolist(), n_new)
-        return seconds
-
-    ways = {"model": model_greedy, "flat step": flat_greedy,
-            "products": lambda: loop_time(products, n_new - 1)}
+    ways = {"greedy": model_greedy, "products": lambda: loop_time(products, n_new - 1)}
     times = {name: [] for name in ways}
     order = np.random.default_rng(1)
     for i in range(rounds + 1):  # the first round warms up
@@ -236,12 +227,8 @@ def decode_bound(n_prompt, n_new, rounds):
             t = ways[name]()
             if i:
                 times[name].append(t)
-    if tokens["flat"] != tokens["model"]:
-        raise SystemExit("generate.py --bound: the flat step chose other tokens than the "
-                         "model")
     print(f"\n== GPT-2 124M shape, random weights: {n_prompt}-token prompt, {n_new} greedy "
-          f"tokens at batch 1; {rounds} rounds, each in a shuffled order (the same tokens "
-          "both ways)")
+          f"tokens at batch 1; {rounds} rounds, each in a shuffled order")
     floor = {s: stat(times["products"]) for s, stat in (("best", min), ("median", np.median))}
     for name, ts in times.items():
         print(f"   {name:10s} best {1e3 * min(ts):6.2f} ms ({floor['best'] / min(ts):.3f} of "

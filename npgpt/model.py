@@ -14,6 +14,7 @@ from . import kernels
 from .arrays import Workspace, sum_dtype
 from .sampling import check_sampling_args, sample_next
 from .backend import RandomStream, array_module, get_xp, resolve_device, to_numpy
+from .decode import KVCache
 from .layers import Block, Dropout, Embedding, LayerNorm, TiedHead
 from .params import FlatDict, flat_size, gpt2_param_shapes, init_gpt2
 
@@ -280,8 +281,10 @@ class GPT:
             elif cache is None:  # prefill the cache with the whole prompt
                 cache = KVCache(self, idx.shape[0])
                 logits = self._forward_logits(window, cache)
-            else:  # one position through the cached keys and values
+            elif self.dtype == np.float16:  # one position: float16's rules are the layers'
                 logits = self._forward_logits(window[:, -1:], cache)
+            else:  # one position through the cached keys and values (decode.py)
+                logits = cache.step(window[:, -1])
             token = sample_next(logits, rng, temperature, top_k, top_p)  # (B,) on the host
             if stop_token is not None:
                 token = np.where(done, stop_token, token)  # a finished row stays finished
@@ -304,14 +307,3 @@ class GPT:
             cache.pos += idx.shape[1]
         return self.head.forward(self.ln_f.forward(x[:, -1:]))[:, 0]  # (B,1,V) -> (B,V)
 
-
-class KVCache:
-    """Keys and values of every layer for the positions generated so far."""
-
-    def __init__(self, model, B):
-        c = model.config
-        shape = (B, c.n_head, c.block_size, c.n_embd // c.n_head)  # (B,nh,block_size,hs)
-        xp = model.xp
-        self.k = [xp.zeros(shape, dtype=model.dtype) for _ in range(c.n_layer)]
-        self.v = [xp.zeros(shape, dtype=model.dtype) for _ in range(c.n_layer)]
-        self.pos = 0

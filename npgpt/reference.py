@@ -289,7 +289,8 @@ def attention_with_cache(qkv, n_head, k_cache, v_cache, pos):
 
     ops.attention_with_cache scales q rather than the scores, adds the causal -inf bias
     to the new keys' columns only, and shares attention_forward's in-place softmax
-    (causal_softmax: on the CPU, without the row max when exp cannot overflow)."""
+    (causal_softmax: on the CPU, without the row max when exp cannot overflow). For one
+    new position (Tn = 1), sampling's step runs it flat: decode.KVCache.attention."""
     Tn = qkv.shape[1]
     end = pos + Tn
     q, k, v = (_heads(x, n_head) for x in np.split(qkv, 3, axis=-1))  # 3 x (B,nh,Tn,hs)

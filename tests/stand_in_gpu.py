@@ -24,6 +24,7 @@ import emulated_cuda
 import npgpt.arrays
 import npgpt.attention
 import npgpt.backend
+import npgpt.decode
 import npgpt.fused_attention
 import npgpt.fused_optim
 import npgpt.kernels
@@ -177,9 +178,9 @@ def install(monkeypatch, fused=False):
     def get_xp(*arrays):
         return fake if any(isinstance(a, DeviceArray) for a in arrays) else np
 
-    for module in (npgpt.arrays, npgpt.attention, npgpt.backend, npgpt.fused_attention,
-                   npgpt.fused_optim, npgpt.kernels, npgpt.mixed, npgpt.model, npgpt.ops,
-                   npgpt.optim):
+    for module in (npgpt.arrays, npgpt.attention, npgpt.backend, npgpt.decode,
+                   npgpt.fused_attention, npgpt.fused_optim, npgpt.kernels, npgpt.mixed,
+                   npgpt.model, npgpt.ops, npgpt.optim):
         monkeypatch.setattr(module, "get_xp", get_xp)
     monkeypatch.setattr(npgpt.backend, "gpu_available", lambda: True)
     monkeypatch.setattr(npgpt.model, "array_module",

@@ -1,9 +1,8 @@
 """The training-step benchmark's causal floor: its FLOP count, and `--profile` running
-without torch (CI has none); generation's flat decode step (generate.py --bound)."""
+without torch (CI has none)."""
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -45,22 +44,3 @@ def test_profile_runs_without_torch_and_prints_the_floor():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert "causal floor" in out.stdout and "x the floor" in out.stdout
-
-
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_the_flat_decode_step_picks_the_models_greedy_tokens(dtype):
-    """generate.py --bound's flat step bounds what a NumPy decoder can reach only if it
-    computes the same model: the same greedy tokens, here with a prompt and tokens that
-    pass through every position of the block."""
-    from flat_decode import FlatDecoder
-
-    from npgpt import GPT, GPTConfig
-    cfg = GPTConfig(vocab_size=53, block_size=24, n_layer=2, n_head=2, n_embd=16)
-    model, rng = GPT(cfg, seed=3, dtype=dtype), np.random.default_rng(0)
-    for p in model.params.values():  # weights larger than GPT-2's init: varied tokens
-        p[...] = 0.3 * rng.standard_normal(p.shape)
-    prompt = rng.integers(0, cfg.vocab_size, 5).tolist()
-    expected = model.generate(np.array([prompt]), 19, temperature=0.0)[0, 5:].tolist()
-    tokens, seconds = FlatDecoder(model).greedy(prompt, 19)
-    assert tokens == expected and seconds > 0
-    assert len(set(tokens)) > 1  # (a constant stream would hide a wrong step)

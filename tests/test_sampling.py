@@ -70,7 +70,7 @@ def test_kv_cache_gives_the_same_tokens_as_recomputation(kw):
 
 def test_cached_logits_equal_full_forward_logits():
     m = GPT(CFG, seed=4, dtype="float64")
-    from npgpt.model import KVCache
+    from npgpt.decode import KVCache
     idx = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 10))
     cache = KVCache(m, 2)
     first = m._forward_logits(idx[:, :4], cache)
