@@ -74,6 +74,20 @@ def test_gpu_forward_backward_adamw_generate_match_cpu(gpu_xp):
     np.testing.assert_array_equal(a, b)
 
 
+def test_the_sampling_step_on_a_gpu_gives_the_cpus_logits(gpu_xp):
+    """decode.KVCache.step, the one-position step of sampling, with the model on the GPU
+    reads nothing back to the host and gives the CPU model's logits, B = 2."""
+    from npgpt.decode import KVCache
+    idx = np.random.default_rng(5).integers(0, CFG.vocab_size, (2, 9))
+    caches = [KVCache(m, 2) for m in (GPT(CFG, seed=6), GPT(CFG, seed=6, device="gpu"))]
+    for t in range(idx.shape[1]):
+        cpu = caches[0].step(idx[:, t])
+        with stand_in_gpu.no_host_reads():
+            gpu = caches[1].step(gpu_xp.asarray(idx[:, t]))
+        assert isinstance(gpu, gpu_xp.ndarray)
+        np.testing.assert_allclose(to_numpy(gpu), cpu, rtol=1e-4, atol=1e-5)
+
+
 def test_checkpoints_move_between_devices(tmp_path, gpu_xp):
     gpu = GPT(CFG, seed=3, device="gpu")
     save(tmp_path / "g.npz", gpu)
