@@ -23,6 +23,7 @@ import math
 
 from .arrays import Workspace, matmul, row_sums
 from .backend import get_xp
+from .linear import head_forward
 from .ops import _GELU_A, _GELU_K
 
 BLOCK_PARAMS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
@@ -115,4 +116,5 @@ class KVCache:
             x += matmul(self.gelu(), wm, out=proj)                  # residual += c_proj
             x += bm
         self.pos += 1
-        return matmul(self.layernorm(*self.ln_f), self.wte.T)       # head_forward (B,V)
+        logits, _ = head_forward(self.layernorm(*self.ln_f), self.wte)  # (B,V), a new array
+        return logits
